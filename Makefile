@@ -1,0 +1,36 @@
+# `make run`: set everything up and run the experiment on the embedded data.
+# `make test`: set everything up and run the test suite.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test setup data dvc-init clean
+
+run: setup data dvc-init
+	$(VENV)/bin/dvc repro
+	@echo; cat results/table.md; echo "plot: $(CURDIR)/results/rate_accuracy.png"
+	@echo "browse runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
+
+test: setup data
+	$(PY) -m pytest
+
+setup: $(STAMP)
+
+# --no-compile: byte-compiling all of torch costs minutes; Python compiles what it imports, lazily.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --no-compile -q -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+data:
+	@test -f $(FMNIST) || { echo "installing the embedded data (Debian package dataset-fashion-mnist)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+
+dvc-init:
+	@test -d .dvc || { git rev-parse --git-dir >/dev/null 2>&1 && $(VENV)/bin/dvc init -q || $(VENV)/bin/dvc init -q --no-scm; }
+
+clean:
+	rm -rf data/prepared models results .checkpoints mlflow.db mlruns

@@ -1,0 +1,24 @@
+"""What every stage entry point shares: the params file option, validation first, clear errors."""
+import argparse
+import sys
+from pathlib import Path
+
+from tactic.config import DEFAULT_PARAMS, ParamsError, Params, load_params
+
+
+def parse(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, Params]:
+    ap.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: the repo's params.yaml)")
+    args = ap.parse_args(argv)
+    return args, load_params(args.params)
+
+
+def run(main) -> None:
+    """Run a stage's main(); expected failures (bad params, missing data) print one clear line, no traceback."""
+    from tactic.data.fashion_mnist import DatasetError
+    from tactic.data.prepared import PreparedDataError
+
+    try:
+        main()
+    except (ParamsError, DatasetError, PreparedDataError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,24 @@
+"""Stage `prepare`: the dataset in `params.yaml:prepare`, as distributed, -> data/prepared.
+
+    python -m stages.prepare [--params params.yaml] [--out data/prepared]
+"""
+import argparse
+from pathlib import Path
+
+from stages import cli
+from tactic import tracking
+from tactic.data.prepare import prepare
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("data/prepared"))
+    args, p = cli.parse(ap, argv)
+    with tracking.start_run("prepare", "prepare", {"stage": "prepare", **p.prepare.model_dump()}):
+        meta = prepare(p.prepare, args.out)
+        tracking.log_metrics({f"num_{k}": v for k, v in meta["counts"].items()})
+    print(f"prepared {meta['dataset']}: {meta['counts']} -> {args.out}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

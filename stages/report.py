@@ -1,0 +1,32 @@
+"""Stage `report`: results/eval.json -> table, rate-accuracy plot, CompressAI-format JSON, BD-accuracy.
+
+    python -m stages.report [--eval results/eval.json] [--out results]
+"""
+import argparse
+import json
+from pathlib import Path
+
+from stages import cli
+from tactic import tracking
+from tactic.report import write_report
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--eval", type=Path, default=Path("results/eval.json"))
+    ap.add_argument("--out", type=Path, default=Path("results"))
+    args, p = cli.parse(ap, argv)
+    rows = json.loads(args.eval.read_text())
+    with tracking.start_run("report", "report", {"stage": "report", "num_runs": len(rows)}):
+        summary = write_report(rows, args.out, p.report.title, p.prepare.dataset)
+        tracking.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        for name in ("rate_accuracy.png", "table.md", "summary.json", "points.csv"):
+            tracking.log_artifact(args.out / name)
+    print((args.out / "table.md").read_text())
+    for k, v in summary.items():
+        print(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}")
+    print(f"plot: {(args.out / 'rate_accuracy.png').resolve()}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

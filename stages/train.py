@@ -1,0 +1,33 @@
+"""Stage `train_<mode>@...`: the task network in one mode at one operating point and seed.
+
+    python -m stages.train uncompressed --seed 0
+    python -m stages.train jpeg --quality 10 --seed 0
+    python -m stages.train agnostic --beta 0.004 --seed 0    # needs pretrain@0.004-0
+    python -m stages.train aware --beta 0.004 --seed 0       # needs pretrain@0.004-0
+"""
+import argparse
+from pathlib import Path
+
+from stages import cli
+from tactic.experiment import train_task
+from tactic.grid import MODES, Run
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=MODES)
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--beta", type=float)
+    ap.add_argument("--quality", type=int)
+    ap.add_argument("--data", type=Path, default=Path("data/prepared"))
+    ap.add_argument("--models", type=Path, default=Path("models"))
+    args, p = cli.parse(ap, argv)
+    if (args.mode in ("agnostic", "aware")) != (args.beta is not None) or (args.mode == "jpeg") != (args.quality is not None):
+        ap.error("--beta goes with agnostic/aware, --quality with jpeg, and each of those needs its own")
+    run = Run(args.mode, args.seed, beta=args.beta, quality=args.quality)
+    last = train_task(p, run, args.data, args.models)
+    print(f"{run.key}: val accuracy {last['val_accuracy']:.4f}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

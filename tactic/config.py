@@ -1,0 +1,148 @@
+"""One schema for params.yaml, validated before any stage does work.
+
+Every stage calls `load_params()` and reads its own block. A wrong or missing value fails with
+the dotted key, what was given and what is allowed, e.g.
+``params.yaml: train.lr: Input should be greater than 0 (got -1)``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PARAMS = ROOT / "params.yaml"
+
+
+class _Block(BaseModel):
+    # Unknown keys are typos more often than not: refuse them rather than silently ignore.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrepareParams(_Block):
+    dataset: Literal["fashion-mnist"] = "fashion-mnist"
+    root: str = "/usr/share/datasets/fashion-mnist"
+    train_size: PositiveInt = 6000
+    val_size: PositiveInt = 1000
+    test_size: PositiveInt = 2000
+    split_seed: int = 0
+
+
+class CodecParams(_Block):
+    N: PositiveInt = 16  # channels of the hidden convolutions
+    M: PositiveInt = 8  # channels of the latent y that is entropy coded
+
+
+class TaskParams(_Block):
+    task: Literal["classification"] = "classification"
+    arch: Literal["small-cnn", "resnet18", "resnet50", "inception_v3"] = "small-cnn"
+    width: PositiveInt = 16  # small-cnn only
+    weights: Optional[str] = None  # optional local state dict for torchvision models; never downloaded
+
+
+class ModelParams(_Block):
+    codec: CodecParams = CodecParams()
+    task: TaskParams = TaskParams()
+
+
+class OptimParams(_Block):
+    epochs: PositiveInt = 2
+    batch_size: PositiveInt = 32
+    lr: PositiveFloat = 3e-3
+    limit_batches: Optional[PositiveInt] = None  # cap per epoch, for smoke runs
+
+
+class PretrainParams(OptimParams):
+    aux_lr: PositiveFloat = 1e-3
+
+
+class TrainParams(OptimParams):
+    alpha: float = Field(0.1, ge=0)  # task-loss weight of the aware mode
+    codec_lr: PositiveFloat = 1e-3  # aware mode: the codec is fine-tuned from its rate-distortion start
+    aux_lr: PositiveFloat = 1e-3
+
+
+class JpegParams(_Block):
+    qualities: list[int] = [2, 5, 10, 15, 25, 50]
+
+    @field_validator("qualities")
+    @classmethod
+    def _in_range(cls, v):
+        bad = [q for q in v if not 1 <= q <= 95]
+        if bad or not v:
+            raise ValueError(f"qualities must be a non-empty list of Pillow qualities in 1..95, got {v}")
+        return v
+
+
+class EvaluateParams(_Block):
+    batch_size: PositiveInt = 256
+    limit: Optional[PositiveInt] = None  # evaluate on the first `limit` test images only (smoke runs)
+
+
+class ReportParams(_Block):
+    title: str = "TACTIC on the embedded benchmark"
+
+
+class Params(_Block):
+    seeds: list[int] = [0, 1, 2]
+    betas: list[PositiveFloat] = [0.0005, 0.004, 0.032]
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Optional[PositiveInt] = None  # torch intra-op threads; default: all cores
+    prepare: PrepareParams = PrepareParams()
+    model: ModelParams = ModelParams()
+    pretrain: PretrainParams = PretrainParams()
+    train: TrainParams = TrainParams()
+    jpeg: JpegParams = JpegParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    report: ReportParams = ReportParams()
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_as_decimals(cls, v):
+        # DVC names matrix folders after the YAML text (2 -> "2", 2.0 -> "2.0"); the pipeline names
+        # them after the float, so an integer written without ".0" would point to another folder.
+        if isinstance(v, list) and any(isinstance(b, int) and not isinstance(b, bool) for b in v):
+            raise ValueError(f"write every beta as a decimal (2.0, not 2), got {v}")
+        return v
+
+    @field_validator("seeds", "betas")
+    @classmethod
+    def _non_empty_unique(cls, v):
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"must be a non-empty list without repeats, got {v}")
+        return v
+
+
+class ParamsError(ValueError):
+    pass
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {key}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ParamsError(format_errors(err, source)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(raw, str(path.name))

@@ -1,0 +1,44 @@
+"""Data adapters (one module per distributed layout) and the prepared form all stages read."""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from tactic.data.prepared import Split
+
+
+def to_float(images: np.ndarray | torch.Tensor, device) -> torch.Tensor:
+    """(N, H, W, C) uint8 -> (N, C, H, W) float in [0, 1] on `device`."""
+    t = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    return t.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+
+
+def batches(
+    split: Split,
+    batch_size: int,
+    device,
+    shuffle_seed: Optional[int] = None,
+    limit_batches: Optional[int] = None,
+    transform: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (images, labels) batches; the order depends only on `shuffle_seed`, so a resumed epoch
+    sees the same batches. `transform` maps a uint8 (N, H, W, C) batch (e.g. a JPEG round trip)."""
+    n = len(split)
+    order = np.random.default_rng(shuffle_seed).permutation(n) if shuffle_seed is not None else np.arange(n)
+    count = (n + batch_size - 1) // batch_size
+    if limit_batches:
+        count = min(count, limit_batches)
+    for b in range(count):
+        # Sorted indices read a memory-mapped split sequentially.
+        idx = np.sort(order[b * batch_size:(b + 1) * batch_size])
+        images = split.images[idx]
+        if transform is not None:
+            images = transform(images)
+        yield to_float(images, device), torch.as_tensor(split.labels[idx]).to(device)
+
+
+def num_batches(split: Split, batch_size: int, limit_batches: Optional[int] = None) -> int:
+    count = (len(split) + batch_size - 1) // batch_size
+    return min(count, limit_batches) if limit_batches else count

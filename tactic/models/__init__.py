@@ -1,0 +1,1 @@
+"""Networks: the codec (imports CompressAI, slow to load, so not imported here) and task networks."""

@@ -1,0 +1,97 @@
+"""A codec (optional) in front of a task network (optional), built from params, saved as one file."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from tactic.config import Params
+from tactic.io import save_torch
+from tactic.models.classifiers import build_classifier
+
+
+def resolve_device(p: Params) -> torch.device:
+    torch.set_num_threads(p.threads or os.cpu_count())
+    if p.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: 'cuda' asked for but CUDA is not available (use 'auto' or 'cpu')")
+    return torch.device("cuda" if p.device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+class System(nn.Module):
+    """x -> [codec] -> x_hat -> [task] -> logits.
+
+    With `codec_frozen`, the codec stays in eval mode (rounding, no noise) and gets no gradients:
+    the task-agnostic setting. Mixed precision (bf16 on CUDA) covers the task network only: the
+    entropy model's likelihoods need float32.
+    """
+
+    def __init__(self, codec: Optional[nn.Module] = None, task: Optional[nn.Module] = None, codec_frozen: bool = False):
+        super().__init__()
+        self.codec, self.task, self.codec_frozen = codec, task, codec_frozen
+        if codec is not None and codec_frozen:
+            codec.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.codec is not None and self.codec_frozen:
+            self.codec.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> dict:
+        out = {}
+        if self.codec is not None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.codec_frozen):
+                out.update(self.codec(x))
+            x = out["x_hat"]
+        if self.task is not None:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+                out["logits"] = self.task(x).float()
+        return out
+
+
+def build_codec(p: Params, in_channels: int):
+    from tactic.models.codec import TacticCodec  # imports CompressAI: only where a codec is needed
+
+    return TacticCodec(in_channels, p.model.codec.N, p.model.codec.M)
+
+
+def build_task(p: Params, meta: dict) -> nn.Module:
+    t = p.model.task
+    return build_classifier(t.arch, meta["channels"], len(meta["classes"]), t.width, t.weights)
+
+
+def save_system(path: Path | str, system: System, run_key: str, extra: dict | None = None) -> None:
+    """One self-contained file per trained run: codec (with its CDF tables) and task weights and configs."""
+    codec = system.codec
+    if codec is not None:
+        codec.update(force=True)  # the CDF tables the range coder needs are computed from the final weights
+    save_torch(path, {
+        "run": run_key,
+        "codec": None if codec is None else {"config": codec.config, "state": codec.state_dict()},
+        "task": None if system.task is None else system.task.state_dict(),
+        **(extra or {}),
+    })
+
+
+def load_codec(path: Path | str, device="cpu"):
+    from tactic.models.codec import TacticCodec
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not state.get("codec"):
+        raise ValueError(f"{path}: holds no codec")
+    codec = TacticCodec(**state["codec"]["config"])
+    codec.load_state_dict(state["codec"]["state"])
+    return codec.to(device), state
+
+
+def load_system(path: Path | str, p: Params, meta: dict, device="cpu") -> tuple[System, dict]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    codec = load_codec(path, device)[0] if state.get("codec") else None
+    task = None
+    if state.get("task") is not None:
+        task = build_task(p, meta)
+        task.load_state_dict(state["task"])
+    return System(codec, task).to(device).eval(), state

@@ -1,0 +1,67 @@
+"""MLflow: one experiment, one run per stage execution, one tracking database per project.
+
+The tracking URI defaults to `sqlite:///<repo root>/mlflow.db` as an absolute path, because DVC,
+Prefect workers and tests all change the current directory; `MLFLOW_TRACKING_URI` overrides it.
+A stage launched by a flow finds the flow's parent run in `TACTIC_PARENT_RUN_ID` and nests under it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+
+from tactic.config import ROOT
+
+EXPERIMENT = os.environ.get("TACTIC_EXPERIMENT", "tactic")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def setup():
+    import logging
+
+    import mlflow
+
+    # MLflow's database migrations log at INFO on first use; they are not the user's concern.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(EXPERIMENT)
+    return mlflow
+
+
+@contextlib.contextmanager
+def start_run(name: str, stage: str, params: dict, run_id: str | None = None):
+    """An MLflow run tagged with the git commit and DVC stage; `run_id` resumes an interrupted one."""
+    mlflow = setup()
+    tags = {"git_commit": git_commit(), "dvc_stage": stage}
+    parent = os.environ.get("TACTIC_PARENT_RUN_ID")
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else name, tags=tags) as run:
+        if run_id is None:
+            mlflow.log_params(params)
+        yield run
+
+
+def log_metrics(metrics: dict, step: int | None = None) -> None:
+    import mlflow
+
+    clean = {k: float(v) for k, v in metrics.items() if v is not None and v == v and abs(float(v)) != float("inf")}
+    mlflow.log_metrics(clean, step=step)
+
+
+def log_artifact(path: str | Path) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path))
