@@ -3,6 +3,8 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# DVC stage commands call `python`: it must be the project's.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -10,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: run test setup data dvc-init clean
 
 run: setup data dvc-init
-	$(VENV)/bin/dvc repro
+	dvc repro
 	@echo; cat results/table.md; echo "plot: $(CURDIR)/results/rate_accuracy.png"
 	@echo "browse runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
@@ -29,8 +31,10 @@ data:
 	@test -f $(FMNIST) || { echo "installing the embedded data (Debian package dataset-fashion-mnist)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 
+# .dvc/ is committed; a tree outside git (an unpacked archive) runs DVC without SCM.
 dvc-init:
-	@test -d .dvc || { git rev-parse --git-dir >/dev/null 2>&1 && $(VENV)/bin/dvc init -q || $(VENV)/bin/dvc init -q --no-scm; }
+	@test -d .dvc || $(VENV)/bin/dvc init -q --no-scm
+	@git rev-parse --git-dir >/dev/null 2>&1 || $(VENV)/bin/dvc config core.no_scm true
 
 clean:
 	rm -rf data/prepared models results .checkpoints mlflow.db mlruns

@@ -1,0 +1,75 @@
+"""Shared fixtures: a private MLflow database, the embedded data, and shrunken params."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tactic.config import parse_params
+from tactic.data import fashion_mnist
+
+REPO = Path(__file__).resolve().parent.parent
+FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+
+# A profile small enough for unit tests: seconds per training run on 2 cores.
+TINY = {
+    "seeds": [0],
+    "betas": [0.004, 0.032],
+    "threads": 2,
+    "prepare": {"train_size": 300, "val_size": 100, "test_size": 100},
+    "model": {"codec": {"N": 8, "M": 4}, "task": {"width": 8}},
+    "pretrain": {"epochs": 1, "batch_size": 50},
+    "train": {"epochs": 2, "batch_size": 50},
+    "jpeg": {"qualities": [5, 50]},
+    "evaluate": {"batch_size": 50},
+}
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` merged in, block by block (DVC needs every key a stage lists to exist)."""
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = merged(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def repo_params(overrides: dict) -> dict:
+    import yaml
+
+    return merged(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _mlflow_db(tmp_path_factory):
+    """Keep test runs out of the project's own tracking database."""
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    yield f"sqlite:///{db}"
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="session")
+def fmnist_root():
+    if not Path(FMNIST_ROOT, fashion_mnist.FILES["train"][0]).is_file():
+        pytest.fail(f"embedded data missing at {FMNIST_ROOT}: `make test` installs it (apt-get install dataset-fashion-mnist)")
+    return FMNIST_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_params():
+    return parse_params(TINY)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, fmnist_root):
+    """The tiny profile's prepared data, made once per session."""
+    from tactic.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    prepare(parse_params(TINY).prepare, out)
+    return out

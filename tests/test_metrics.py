@@ -1,0 +1,40 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tactic.metrics import bd_accuracy, psnr, topk_correct
+
+
+def test_bd_accuracy_constant_offset():
+    rate = [0.1, 0.2, 0.4, 0.8]
+    acc = [0.5, 0.6, 0.65, 0.7]
+    assert bd_accuracy(rate, acc, rate, [a + 0.05 for a in acc]) == pytest.approx(0.05)
+    assert bd_accuracy(rate, acc, rate, acc) == pytest.approx(0.0)
+
+
+def test_bd_accuracy_only_over_the_overlap():
+    # B is A shifted right by a factor 2 in rate, both linear in log2(rate) with slope 0.1:
+    # at equal rate B is 0.1 less accurate, whatever the range.
+    ra = [0.125, 0.25, 0.5, 1.0]
+    aa = [0.1 * math.log2(r) + 1 for r in ra]
+    rb = [2 * r for r in ra]
+    assert bd_accuracy(ra, aa, rb, aa) == pytest.approx(-0.1, abs=1e-9)
+
+
+def test_bd_accuracy_unsorted_input_and_errors():
+    assert bd_accuracy([0.4, 0.1, 0.2], [0.6, 0.4, 0.5], [0.1, 0.4, 0.2], [0.5, 0.7, 0.6]) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="do not overlap"):
+        bd_accuracy([0.1, 0.2], [0.5, 0.6], [0.3, 0.4], [0.5, 0.6])
+    with pytest.raises(ValueError, match="at least two points"):
+        bd_accuracy([0.1], [0.5], [0.1, 0.2], [0.5, 0.6])
+
+
+def test_topk_and_psnr():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
+    assert topk_correct(logits, torch.tensor([1, 2]), ks=(1, 2)) == {1: 1, 2: 1}
+    assert 5 not in topk_correct(logits, torch.tensor([1, 2]))  # fewer than 5 classes: no top-5
+    x = torch.zeros(1, 1, 4, 4)
+    assert float(psnr(x + 0.1, x)) == pytest.approx(20.0, rel=1e-5)
+    assert np.isinf(float(psnr(x, x)))

@@ -1,0 +1,91 @@
+"""The pipeline as a user runs it: `dvc repro` on a copy of the repo with the tiny profile."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from tactic.config import parse_params
+from tactic.grid import pretrain_runs, task_runs
+from tests.conftest import REPO, TINY, repo_params
+
+BIN = Path(sys.executable).parent
+
+
+def _env(db_uri):
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": db_uri, "PYTHONUNBUFFERED": "1"}
+
+
+def _copy_repo(dest: Path, params: dict) -> Path:
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dest / f)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+def _stage(args, cwd, db_uri):
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=_env(db_uri), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_the_grid_then_does_nothing(tmp_path, fmnist_root, _mlflow_db):
+    repo = _copy_repo(tmp_path / "repo", repo_params(TINY))
+    env = _env(_mlflow_db)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)  # .dvc/ came with the copy
+    p = parse_params(TINY)
+    listed = subprocess.run([BIN / "dvc", "stage", "list", "--name-only"], cwd=repo, env=env, capture_output=True, text=True, check=True)
+    expected = {r.stage for r in pretrain_runs(p) + task_runs(p)} | {"prepare", "evaluate", "report"}
+    assert set(listed.stdout.split()) == expected  # tactic.grid names stages exactly as DVC does
+
+    first = subprocess.run([BIN / "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "| aware | beta=0.004 |" in first.stdout
+
+    rows = json.loads((repo / "results/eval.json").read_text())
+    assert {(r["mode"], r["beta"], r["quality"], r["seed"]) for r in rows} == {
+        (r.mode, r.beta, r.quality, r.seed) for r in task_runs(p)}
+    summary = json.loads((repo / "results/summary.json").read_text())
+    assert summary["num_runs"] == len(rows) and "bd_accuracy_aware_vs_agnostic" in summary
+    assert (repo / "results/rate_accuracy.png").stat().st_size > 10_000
+    assert not list(repo.rglob(".*.tmp"))
+
+    again = subprocess.run([BIN / "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "Running stage" not in again.stdout
+
+    mlflow.set_tracking_uri(_mlflow_db)
+    runs = mlflow.search_runs(experiment_names=["tactic"], filter_string="params.mode = 'aware'")
+    aware = runs[runs["tags.dvc_stage"] == "train_aware@0.004-0"]
+    assert len(aware) >= 1
+    last = aware.iloc[0]
+    assert float(last["params.beta"]) == 0.004 and float(last["params.alpha"]) == p.train.alpha
+    assert 0 < last["metrics.bpp"] < 8 and 0 <= last["metrics.accuracy"] <= 1 and last["metrics.bpp_estimated"] > 0
+
+
+def test_stage_with_bad_params_names_the_key(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump({**TINY, "train": {"epochs": 0}}))
+    out = _stage(["stages.train", "uncompressed", "--seed", "0", "--params", str(bad)], tmp_path, "sqlite:///" + str(tmp_path / "m.db"))
+    assert out.returncode == 2
+    assert "train.epochs: Input should be greater than 0" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_prepare_without_the_data_says_how_to_get_it(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"prepare": {"root": str(tmp_path / "nowhere")}}))
+    out = _stage(["stages.prepare", "--params", str(params), "--out", str(tmp_path / "prepared")], tmp_path, "sqlite:///" + str(tmp_path / "m.db"))
+    assert out.returncode == 2
+    assert "expected layout <root>/{train,t10k}" in out.stderr and "apt-get install dataset-fashion-mnist" in out.stderr
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_train_before_prepare_says_which_stage(tmp_path):
+    out = _stage(["stages.train", "uncompressed", "--seed", "0", "--data", str(tmp_path / "none")], tmp_path, "sqlite:///" + str(tmp_path / "m.db"))
+    assert out.returncode == 2 and "run the prepare stage first" in out.stderr

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+from tactic.report import aggregate, bd_summary, compressai_results, write_report
+
+
+def _rows():
+    rows = []
+    for seed, noise in ((0, 0.0), (1, 0.02)):
+        rows.append({"mode": "uncompressed", "seed": seed, "beta": None, "quality": None, "bpp": 8.0, "accuracy": 0.9 + noise})
+        for q, bpp, acc in ((5, 0.5, 0.6), (25, 1.0, 0.7), (50, 2.0, 0.8)):
+            rows.append({"mode": "jpeg", "seed": seed, "beta": None, "quality": q, "bpp": bpp, "bpp_file": bpp + 3,
+                         "accuracy": acc + noise, "psnr": 20.0})
+        for mode, gain in (("agnostic", -0.05), ("aware", 0.05)):
+            for beta, bpp, acc in ((0.03, 0.4, 0.6), (0.004, 0.8, 0.7), (0.0005, 1.6, 0.8)):
+                rows.append({"mode": mode, "seed": seed, "beta": beta, "quality": None, "bpp": bpp, "bpp_estimated": bpp - 0.05,
+                             "accuracy": acc + gain + noise, "psnr": 18.0})
+    return rows
+
+
+def test_aggregate_mean_and_spread():
+    points = aggregate(_rows())
+    unc = next(p for p in points if p["mode"] == "uncompressed")
+    assert unc["accuracy"] == pytest.approx(0.91)
+    assert unc["accuracy_std"] == pytest.approx(0.01414, abs=1e-4)  # sample std of (0.90, 0.92)
+    assert unc["seeds"] == [0, 1]
+    assert [p["mode"] for p in points][:2] == ["uncompressed", "jpeg"]
+
+
+def test_bd_summary_against_known_gaps():
+    rows = _rows()
+    s = bd_summary(aggregate(rows), rows)
+    assert s["bd_accuracy_aware_vs_agnostic"] == pytest.approx(10.0)  # percentage points
+    assert s["bd_accuracy_aware_vs_agnostic_seed_std"] == pytest.approx(0.0, abs=1e-9)
+    assert s["bd_accuracy_aware_vs_jpeg"] is not None
+
+
+def test_bd_summary_says_why_when_curves_do_not_overlap():
+    rows = [r for r in _rows() if not (r["mode"] == "jpeg" and r["bpp"] < 1.7)] + [
+        {"mode": "jpeg", "seed": s, "beta": None, "quality": 95, "bpp": 4.0, "accuracy": 0.85} for s in (0, 1)]
+    s = bd_summary(aggregate(rows), rows)
+    assert s["bd_accuracy_aware_vs_jpeg"] is None and "do not overlap" in s["bd_accuracy_aware_vs_jpeg_note"]
+
+
+def test_write_report(tmp_path):
+    summary = write_report(_rows(), tmp_path, "test", "fashion-mnist")
+    assert summary["num_runs"] == len(_rows())
+    png = (tmp_path / "rate_accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    table = (tmp_path / "table.md").read_text()
+    assert "| aware | beta=0.004 | 2 |" in table
+    res = json.loads((tmp_path / "compressai" / "aware.json").read_text())
+    assert res["name"] == "tactic-aware" and res["results"]["bpp"] == sorted(res["results"]["bpp"])
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert compressai_results(aggregate(_rows()), "jpeg", "x")["results"]["psnr-rgb"] == [20.0] * 3

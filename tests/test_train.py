@@ -1,0 +1,96 @@
+import shutil
+
+import mlflow
+import pytest
+import torch
+
+from tactic import tracking
+from tactic.experiment import evaluate_run, pretrain_codec, train_task
+from tactic.grid import Run
+
+
+@pytest.fixture(scope="module")
+def codec_models(tmp_path_factory, tiny_params, prepared):
+    models = tmp_path_factory.mktemp("codec") / "models"
+    for beta in tiny_params.betas:
+        pretrain_codec(tiny_params, Run("pretrain", 0, beta=beta), prepared, models)
+    return models
+
+
+def _models_with_codec(codec_models, dest):
+    shutil.copytree(codec_models, dest)
+    return dest
+
+
+def test_interrupted_training_resumes_to_the_same_model(tiny_params, prepared, codec_models, tmp_path, monkeypatch):
+    run = Run("aware", 0, beta=0.004)
+    ref_models = _models_with_codec(codec_models, tmp_path / "ref" / "models")
+    train_task(tiny_params, run, prepared, ref_models)
+    reference = torch.load(ref_models / run.key / "model.pt", weights_only=False)
+
+    models = _models_with_codec(codec_models, tmp_path / "cut" / "models")
+    real_log = tracking.log_metrics
+
+    def log_then_die(metrics, step=None):
+        real_log(metrics, step)
+        if step == 1:  # after the second epoch trained, before its checkpoint is written
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking, "log_metrics", log_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_task(tiny_params, run, prepared, models)
+    monkeypatch.setattr(tracking, "log_metrics", real_log)
+    assert not (models / run.key / "model.pt").exists()
+    ckpt = models.parent / ".checkpoints" / run.key / "last.pt"
+    state = torch.load(ckpt, weights_only=False)
+    assert state["epoch"] == 0
+
+    train_task(tiny_params, run, prepared, models)
+    resumed = torch.load(models / run.key / "model.pt", weights_only=False)
+    assert not ckpt.exists()
+    assert resumed["mlflow_run_id"] == state["mlflow_run_id"]  # the same MLflow run, continued
+    for k, v in reference["task"].items():
+        assert torch.equal(v, resumed["task"][k]), k
+    for k, v in reference["codec"]["state"].items():
+        assert torch.equal(v, resumed["codec"]["state"][k]), k
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1]
+
+
+def test_stale_checkpoint_is_not_resumed(tiny_params, prepared, tmp_path, capsys):
+    run = Run("uncompressed", 0)
+    models = tmp_path / "models"
+    ckpt = models.parent / ".checkpoints" / run.key / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"config_id": "another", "epoch": 0}, ckpt)
+    train_task(tiny_params, run, prepared, models)
+    assert "written by another configuration" in capsys.readouterr().err
+    assert (models / run.key / "model.pt").exists()
+
+
+@pytest.mark.parametrize("mode, point", [("uncompressed", {}), ("jpeg", {"quality": 5}), ("agnostic", {"beta": 0.032})])
+def test_modes_train_evaluate_and_log(tiny_params, prepared, codec_models, tmp_path, mode, point):
+    run = Run(mode, 0, **point)
+    models = _models_with_codec(codec_models, tmp_path / "models")
+    train_task(tiny_params, run, prepared, models)
+    row = evaluate_run(tiny_params, run, prepared, models, "cpu")
+    assert 0.0 <= row["accuracy"] <= 1.0 and row["num_images"] == 100
+    if mode == "uncompressed":
+        assert row["bpp"] == 8.0 and row["psnr"] is None
+    elif mode == "jpeg":
+        assert 0 < row["bpp"] < row["bpp_file"]
+        assert 10 < row["psnr"] < 40
+    else:
+        assert 0 < row["bpp"] and abs(row["bpp"] - row["bpp_estimated"]) < 0.3
+    logged = mlflow.get_run(row["mlflow_run_id"])
+    assert logged.data.params["mode"] == mode
+    assert logged.data.tags["dvc_stage"] == run.stage
+    assert "val_task_loss" in logged.data.metrics
+
+
+def test_agnostic_keeps_the_codec_frozen(tiny_params, prepared, codec_models, tmp_path):
+    run = Run("agnostic", 0, beta=0.004)
+    models = _models_with_codec(codec_models, tmp_path / "models")
+    train_task(tiny_params, run, prepared, models)
+    before = torch.load(models / run.codec_run.key / "model.pt", weights_only=False)["codec"]["state"]
+    after = torch.load(models / run.key / "model.pt", weights_only=False)["codec"]["state"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
