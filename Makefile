@@ -21,10 +21,11 @@ test: setup data
 
 setup: $(STAMP)
 
-# --no-compile: byte-compiling all of torch costs minutes; Python compiles what it imports, lazily.
+# pip byte-compiles at install on purpose: with PYTHONDONTWRITEBYTECODE set (as on our machines)
+# Python would otherwise recompile torch and mlflow from source in every stage process.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --no-compile -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 data:
