@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup data dvc-init clean
+.PHONY: run test serve setup data dvc-init clean
 
 run: setup data dvc-init
 	dvc repro
@@ -18,6 +18,13 @@ run: setup data dvc-init
 
 test: setup data
 	$(PY) -m pytest
+
+# Start a local Prefect server (if none answers) and serve the deployment tactic/full.
+serve: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
+serve: setup data dvc-init
+	@$(PY) -c "import urllib.request as u; u.urlopen('$$PREFECT_API_URL/health', timeout=3)" 2>/dev/null \
+	  || prefect server start --background
+	python -m pipeline.serve
 
 setup: $(STAMP)
 

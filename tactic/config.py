@@ -24,7 +24,7 @@ class _Block(BaseModel):
 class PrepareParams(_Block):
     dataset: Literal["fashion-mnist"] = "fashion-mnist"
     root: str = "/usr/share/datasets/fashion-mnist"
-    train_size: PositiveInt = 6000
+    train_size: PositiveInt = 4000
     val_size: PositiveInt = 1000
     test_size: PositiveInt = 2000
     split_seed: int = 0

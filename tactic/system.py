@@ -14,7 +14,8 @@ from tactic.models.classifiers import build_classifier
 
 
 def resolve_device(p: Params) -> torch.device:
-    torch.set_num_threads(p.threads or os.cpu_count())
+    # TACTIC_THREADS: set by the flow, which runs several stages at once on the same cores.
+    torch.set_num_threads(p.threads or int(os.environ.get("TACTIC_THREADS", 0)) or os.cpu_count())
     if p.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: 'cuda' asked for but CUDA is not available (use 'auto' or 'cpu')")
     return torch.device("cuda" if p.device != "cpu" and torch.cuda.is_available() else "cpu")

@@ -41,10 +41,10 @@ def setup():
 
 
 @contextlib.contextmanager
-def start_run(name: str, stage: str, params: dict, run_id: str | None = None):
+def start_run(name: str, stage: str | None, params: dict, run_id: str | None = None, tags: dict | None = None):
     """An MLflow run tagged with the git commit and DVC stage; `run_id` resumes an interrupted one."""
     mlflow = setup()
-    tags = {"git_commit": git_commit(), "dvc_stage": stage}
+    tags = {"git_commit": git_commit(), **({"dvc_stage": stage} if stage else {}), **(tags or {})}
     parent = os.environ.get("TACTIC_PARENT_RUN_ID")
     if parent:
         tags["mlflow.parentRunId"] = parent

@@ -1,0 +1,146 @@
+"""The whole pipeline as the Prefect flow `tactic`; its independent stages fan out on Dask.
+
+    python -m pipeline.flow --profile smoke             # one run, here, on a local Dask cluster
+    python -m pipeline.serve                            # serve the deployment `tactic/full`
+    prefect deployment run tactic/full --param profile=smoke --param 'seeds=[0, 1]'
+
+Parameters (all optional): `profile` (a file in profiles/, merged over params.yaml), `dataset`,
+`seeds`, `betas`, and `params`, a nested dict of any other params.yaml keys. They are validated by
+the params schema before any stage starts, then written into params.yaml (as `dvc exp run -S`
+does), because DVC decides from params.yaml what is up to date.
+
+Every task runs one DVC stage with `dvc repro -s`, after the stages it needs; the grid's independent
+stages run concurrently on the flow's Dask task runner: a local cluster (one single-threaded worker
+per core by default, `TACTIC_DASK_WORKERS`) or the scheduler at `TACTIC_DASK_ADDRESS`.
+One MLflow parent run per flow run holds the stage runs, nested.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run as current_flow_run
+from prefect_dask import DaskTaskRunner
+
+from pipeline.stages import run_dvc_stage, stage_env, stage_graph
+from tactic import tracking
+from tactic.config import ROOT, ParamsError, parse_params
+from tactic.io import write_text
+
+PROFILES = ROOT / "profiles"
+
+
+def make_task_runner(address: Optional[str] = None, workers: Optional[int] = None) -> DaskTaskRunner:
+    """A Dask runner: the scheduler at `address`, else a local cluster of single-threaded worker processes."""
+    address = address or os.environ.get("TACTIC_DASK_ADDRESS")
+    if address:
+        return DaskTaskRunner(address=address)
+    workers = workers or int(os.environ.get("TACTIC_DASK_WORKERS", 0)) or os.cpu_count()
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = _merge(base.get(k) or {}, v) if isinstance(v, dict) else v
+    return out
+
+
+def resolve_params(root: Path, profile: Optional[str] = None, dataset: Optional[str] = None, seeds: Optional[list] = None,
+                   betas: Optional[list] = None, params: Optional[dict] = None) -> dict:
+    """params.yaml with the profile and overrides merged in, validated; raises ParamsError naming the key."""
+    raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    if profile:
+        file = PROFILES / f"{profile}.yaml"
+        if not file.is_file():
+            known = sorted(f.stem for f in PROFILES.glob("*.yaml"))
+            raise ParamsError(f"profile: unknown {profile!r}; one of {known}")
+        raw = _merge(raw, yaml.safe_load(file.read_text()) or {})
+    overrides = dict(params or {})
+    if dataset is not None:
+        overrides = _merge(overrides, {"prepare": {"dataset": dataset}})
+    if seeds is not None:
+        overrides["seeds"] = seeds
+    if betas is not None:
+        overrides["betas"] = betas
+    raw = _merge(raw, overrides)
+    parse_params(raw, source="flow parameters")
+    return raw
+
+
+def write_params(path: Path, raw: dict) -> None:
+    """Write `raw` into the params file if it differs, keeping the file's comments and key order."""
+    from ruamel.yaml import YAML
+
+    ry = YAML()
+    doc = ry.load(path.read_text())
+    if doc == raw:
+        return
+
+    def update(node, new):
+        for k in list(node):
+            if k not in new:
+                del node[k]
+        for k, v in new.items():
+            if isinstance(v, dict) and isinstance(node.get(k), dict):
+                update(node[k], v)
+            elif node.get(k) != v:
+                node[k] = v
+
+    update(doc, raw)
+    buf = io.StringIO()
+    ry.dump(doc, buf)
+    write_text(path, buf.getvalue())
+
+
+@task(name="stage", task_run_name="{name}", retries=0)
+def dvc_stage(name: str, root: str, env: dict) -> str:
+    logger = get_run_logger()
+    status, output = run_dvc_stage(name, root, env)
+    logger.info("%s %s\n%s", name, status, "\n".join(output.strip().splitlines()[-5:]) if status == "ran" else "")
+    return status
+
+
+@flow(name="tactic", task_runner=make_task_runner(), log_prints=True)
+def tactic(profile: Optional[str] = None, dataset: Optional[str] = None, seeds: Optional[list[int]] = None,
+           betas: Optional[list[float]] = None, params: Optional[dict] = None) -> dict:
+    """Run every stage of the TACTIC pipeline that is not up to date; returns {stage: "ran" | "skipped"}."""
+    root = ROOT
+    raw = resolve_params(root, profile, dataset, seeds, betas, params)
+    write_params(root / "params.yaml", raw)
+    graph = stage_graph(parse_params(raw))
+    flow_run_id = str(current_flow_run.id or "local")
+    with tracking.start_run(f"flow {current_flow_run.name or 'local'}", None, {"profile": profile, "stages": len(graph)},
+                            tags={"prefect_flow_run_id": flow_run_id}) as parent:
+        # Stages share the cores: a stage's torch threads are the cores per local Dask worker.
+        workers = int(os.environ.get("TACTIC_DASK_WORKERS", 0)) or os.cpu_count()
+        env = stage_env({"TACTIC_PARENT_RUN_ID": parent.info.run_id, "TACTIC_THREADS": str(max(1, os.cpu_count() // workers))})
+        futures = {}
+        for name, needs in graph.items():
+            futures[name] = dvc_stage.submit(name, str(root), env, wait_for=[futures[n] for n in needs])
+        statuses = {name: f.result() for name, f in futures.items()}
+        tracking.log_metrics({"stages_ran": sum(s == "ran" for s in statuses.values()), "stages_skipped": sum(s == "skipped" for s in statuses.values())})
+    print(f"{sum(s == 'ran' for s in statuses.values())} stages ran, {sum(s == 'skipped' for s in statuses.values())} up to date; "
+          f"MLflow parent run {parent.info.run_id}")
+    return statuses
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile")
+    ap.add_argument("--workers", type=int, help="local Dask workers (default: one per core)")
+    ap.add_argument("--dask-address", help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    args = ap.parse_args(argv)
+    if args.workers:
+        os.environ["TACTIC_DASK_WORKERS"] = str(args.workers)
+    tactic.with_options(task_runner=make_task_runner(args.dask_address, args.workers))(profile=args.profile)
+
+
+if __name__ == "__main__":
+    main()

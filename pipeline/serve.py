@@ -1,0 +1,29 @@
+"""Register and serve the deployment `tactic/full`; runs triggered from the CLI or UI execute here.
+
+    prefect server start                     # in another terminal; UI at http://127.0.0.1:4200
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    python -m pipeline.serve [--workers N | --dask-address tcp://scheduler:8786]
+    prefect deployment run tactic/full --param profile=smoke --watch
+"""
+import argparse
+import os
+
+from pipeline.flow import tactic
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", type=int, help="local Dask workers (default: one per core)")
+    ap.add_argument("--dask-address", help="an existing Dask scheduler; the grid then runs on its workers")
+    args = ap.parse_args(argv)
+    # Each flow run executes in a fresh process that imports pipeline.flow, whose task runner is
+    # built from these variables: the environment is how the choice reaches it.
+    if args.workers:
+        os.environ["TACTIC_DASK_WORKERS"] = str(args.workers)
+    if args.dask_address:
+        os.environ["TACTIC_DASK_ADDRESS"] = args.dask_address
+    tactic.serve(name="full", description="The whole TACTIC pipeline: every DVC stage that is not up to date.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""The `tactic` command: `tactic compare ...` (see tactic.compare)."""
+import sys
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"compare": "tactic.compare"}
+    if not argv or argv[0] not in commands:
+        print(f"usage: tactic {{{','.join(commands)}}} [--help]", file=sys.stderr)
+        return 2
+    import importlib
+
+    return importlib.import_module(commands[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Operating points across seeds, from MLflow: mean and spread of bpp and accuracy per mode and point.
+
+    tactic compare --parent <flow's parent run id> [--csv points.csv]
+    tactic compare --runs <run id> <run id> ...
+    tactic compare                         # the newest run of every (mode, point, seed) in the experiment
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tactic import tracking
+from tactic.grid import MODES
+from tactic.io import write_text
+from tactic.report import aggregate, points_csv, table
+
+METRICS = ("accuracy", "top5", "bpp", "bpp_estimated", "bpp_file", "psnr")
+
+
+def _num(text, cast):
+    return None if text in (None, "None", "") else cast(text)
+
+
+def rows_from_runs(runs) -> list[dict]:
+    """Evaluated training runs as report rows; where a (mode, point, seed) was trained more than once,
+    the newest run counts."""
+    newest = {}
+    for r in sorted(runs, key=lambda r: r.info.start_time or 0):
+        prm, met = r.data.params, r.data.metrics
+        if prm.get("mode") not in MODES or "accuracy" not in met:
+            continue
+        row = {"mode": prm["mode"], "seed": int(prm["seed"]), "beta": _num(prm.get("beta"), float),
+               "quality": _num(prm.get("quality"), int), "mlflow_run_id": r.info.run_id,
+               **{k: met[k] for k in METRICS if k in met}}
+        newest[(row["mode"], row["beta"], row["quality"], row["seed"])] = row
+    return list(newest.values())
+
+
+def find_runs(parent: str | None = None, run_ids: list[str] | None = None):
+    mlflow = tracking.setup()
+    client = mlflow.MlflowClient()
+    if run_ids:
+        return [client.get_run(i) for i in run_ids]
+    exp = client.get_experiment_by_name(tracking.EXPERIMENT)
+    if exp is None:
+        return []
+    query = f"tags.mlflow.parentRunId = '{parent}'" if parent else ""
+    return client.search_runs([exp.experiment_id], filter_string=query, max_results=50_000)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="tactic compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parent", help="a flow's MLflow parent run: compare its nested stage runs")
+    ap.add_argument("--runs", nargs="+", help="these MLflow run ids")
+    ap.add_argument("--csv", help="also write the points as CSV to this file")
+    args = ap.parse_args(argv)
+    rows = rows_from_runs(find_runs(args.parent, args.runs))
+    if not rows:
+        print(f"no evaluated training runs found (tracking URI {tracking.tracking_uri()}); "
+              "test metrics are written by the `evaluate` stage", file=sys.stderr)
+        return 1
+    points = aggregate(rows)
+    print(table(points), end="")
+    if args.csv:
+        write_text(args.csv, points_csv(points))
+        print(f"wrote {args.csv}")
+    return 0

@@ -1,0 +1,165 @@
+"""The Prefect flow: parameters, the stage graph, stage failures, and (slow) a real server and deployment."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from pipeline.flow import resolve_params, write_params
+from pipeline.stages import StageFailed, run_dvc_stage, stage_graph
+from tactic.config import ParamsError, parse_params
+from tests.conftest import REPO, TINY, repo_params
+from tests.test_pipeline import BIN, _copy_repo
+
+
+def test_overrides_are_validated_before_anything_runs():
+    raw = resolve_params(REPO, profile="smoke", seeds=[3, 4], params={"train": {"alpha": 0.5}})
+    p = parse_params(raw)
+    assert p.seeds == [3, 4] and p.train.alpha == 0.5 and p.prepare.train_size == 300
+    with pytest.raises(ParamsError, match="train.alpah: unknown key"):
+        resolve_params(REPO, params={"train": {"alpah": 0.5}})
+    with pytest.raises(ParamsError, match=r"betas.0: Input should be greater than 0"):
+        resolve_params(REPO, betas=[-1.0])
+    with pytest.raises(ParamsError, match=r"profile: unknown 'fast'; one of \['default', 'smoke'\]"):
+        resolve_params(REPO, profile="fast")
+
+
+def test_write_params_keeps_comments(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("# top comment\nseeds: [0, 1, 2]  # seeds\ntrain:\n  lr: 0.001\n")
+    write_params(f, {"seeds": [7], "train": {"lr": 0.001}})
+    text = f.read_text()
+    assert "# top comment" in text and "# seeds" in text and yaml.safe_load(text)["seeds"] == [7]
+
+
+def test_stage_graph_matches_dvc_yaml():
+    p = parse_params(repo_params({}))
+    graph = stage_graph(p)
+    listed = subprocess.run([BIN / "dvc", "stage", "list", "--name-only"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert set(graph) == set(listed.stdout.split())
+    assert graph["train_aware@0.004-1"] == ["prepare", "pretrain@0.004-1"]
+    order = list(graph)
+    assert all(order.index(n) < order.index(s) for s, needs in graph.items() for n in needs)
+
+
+def test_lock_conflicts_are_retried_other_failures_are_not(tmp_path):
+    counter = tmp_path / "n"
+    script = ("import pathlib,sys; f=pathlib.Path(sys.argv[1]); n=int(f.read_text()) if f.exists() else 0; f.write_text(str(n+1));"
+              "sys.exit(0) if n >= 2 else (print('ERROR: Unable to acquire lock. Most likely another DVC process is running'), sys.exit(1))")
+    status, _ = run_dvc_stage("s", tmp_path, dict(os.environ), command=[sys.executable, "-c", script, str(counter)])
+    assert status == "ran" and counter.read_text() == "3"
+    fail = "import sys; print('\\n'.join(f'line {i}' for i in range(50))); print('boom: the real cause', file=sys.stderr); sys.exit(3)"
+    with pytest.raises(StageFailed) as err:
+        run_dvc_stage("train_x@0", tmp_path, dict(os.environ), command=[sys.executable, "-c", fail])
+    assert "stage train_x@0 failed (exit 3)" in str(err.value) and "boom: the real cause" in str(err.value)
+    assert "line 10" not in str(err.value)  # the end of the output, not all of it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(check, timeout, what):
+    end = time.time() + timeout
+    while time.time() < end:
+        if check():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _deployment_run(env, repo, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([BIN / "prefect", "deployment", "run", "tactic/full", *args, "--watch", "--watch-timeout", "600"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=700)
+
+
+def _flow_run_id(output: str) -> str:
+    for line in output.splitlines():
+        if "UUID:" in line:
+            return line.split("UUID:")[1].strip()
+    raise AssertionError(f"no flow run id in:\n{output}")
+
+
+@pytest.mark.slow
+def test_deployment_end_to_end(tmp_path, fmnist_root):
+    repo = _copy_repo(tmp_path / "repo", repo_params({}))
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    port = _free_port()
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "MLFLOW_TRACKING_URI": db, "PYTHONPATH": str(repo), "TACTIC_DASK_WORKERS": "2", "PYTHONUNBUFFERED": "1"}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    server = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], cwd=repo, env=env,
+                              stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    served = None
+    try:
+        import urllib.request
+
+        def healthy():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).status == 200
+            except OSError:
+                return False
+
+        _wait_for(healthy, 120, "the Prefect server")
+        served = subprocess.Popen([sys.executable, "-m", "pipeline.serve", "--workers", "2"], cwd=repo, env=env,
+                                  stdout=open(logs / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_for(lambda: subprocess.run([BIN / "prefect", "deployment", "inspect", "tactic/full"], env=env,
+                                         capture_output=True).returncode == 0, 120, "the deployment")
+
+        # 1. A stage fails: the flow run fails, and the stage's own message is in the flow run's logs.
+        bad = _deployment_run(env, repo, "--param", "profile=smoke", "--params",
+                              json.dumps({"params": {"model": {"task": {"weights": "/nonexistent/w.pt"}}}}))
+        assert bad.returncode != 0, bad.stdout
+        failed_id = _flow_run_id(bad.stdout)
+        flow_logs = subprocess.run([BIN / "prefect", "flow-run", "logs", failed_id], env=env, capture_output=True, text=True).stdout
+        assert "model.task.weights: no such file /nonexistent/w.pt" in flow_logs, flow_logs[-3000:]
+
+        # 2. The next run continues from what finished: codecs are not trained again.
+        good = _deployment_run(env, repo, "--param", "profile=smoke", "--params", json.dumps({"params": {"model": {"task": {"weights": None}}}}))
+        assert good.returncode == 0, good.stdout[-3000:] + (logs / "serve.log").read_text()[-5000:]
+        good_id = _flow_run_id(good.stdout)
+
+        mlflow.set_tracking_uri(db)
+        parents = mlflow.search_runs(experiment_names=["tactic"], filter_string=f"tags.prefect_flow_run_id = '{good_id}'")
+        assert len(parents) == 1 and parents.iloc[0]["tags.git_commit"]
+        parent_id = parents.iloc[0]["run_id"]
+        children = mlflow.search_runs(experiment_names=["tactic"], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+        stages = set(children["tags.dvc_stage"])
+        p = parse_params(resolve_params(repo))
+        assert not any(s.startswith(("pretrain", "prepare")) for s in stages)  # done by the failed run, not redone
+        assert {"evaluate", "report"} <= stages and {f"train_aware@{b!r}-0" for b in p.betas} <= stages
+        trained = children[children["tags.dvc_stage"].str.startswith("train_")]
+        assert trained["metrics.accuracy"].notna().all() and (trained["metrics.bpp"] > 0).all()
+
+        # 3. Two workers: some training stages ran at the same time.
+        spans = sorted(zip(trained["start_time"], trained["end_time"]))
+        assert any(b_start < a_end for (a_start, a_end), (b_start, _) in zip(spans, spans[1:])), spans
+
+        # 4. `compare` prints the operating points of that flow run.
+        out = subprocess.run([BIN / "tactic", "compare", "--parent", parent_id, "--csv", str(tmp_path / "c.csv")], cwd=repo,
+                             env=env, capture_output=True, text=True)
+        assert out.returncode == 0 and "| aware | beta=0.004 | 1 |" in out.stdout, out.stderr
+        assert (tmp_path / "c.csv").read_text().startswith("mode,beta,quality,bpp")
+
+        # 5. Nothing changed: a third run trains nothing.
+        again = _deployment_run(env, repo, "--param", "profile=smoke")
+        assert again.returncode == 0
+        again_id = _flow_run_id(again.stdout)
+        parent3 = mlflow.search_runs(experiment_names=["tactic"], filter_string=f"tags.prefect_flow_run_id = '{again_id}'").iloc[0]
+        assert parent3["metrics.stages_ran"] == 0
+    finally:
+        for proc in (served, server):
+            if proc is not None:
+                os.killpg(proc.pid, 15)
+                proc.wait(timeout=30)
