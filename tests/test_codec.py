@@ -58,3 +58,21 @@ def test_loss_parts():
     assert parts["bpp_loss"].item() == pytest.approx(2 * 16 / (2 * 64))  # 1 bit per latent
     assert parts["task_loss"].item() == pytest.approx(torch.log(torch.tensor(3.0)).item())
     assert parts["loss"].item() == pytest.approx(0.01 + 2 * parts["task_loss"].item() + 3 * 0.25, rel=1e-4)
+
+
+def test_task_weights_load_from_a_local_file(tmp_path):
+    from tactic.models.classifiers import build_classifier
+
+    src = build_classifier("small-cnn", 1, 10, 8)
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    net = build_classifier("small-cnn", 1, 10, 8, weights=str(tmp_path / "w.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), net.state_dict().values()))
+    other = build_classifier("small-cnn", 1, 3, 8, weights=str(tmp_path / "w.pt"))  # another head: kept fresh
+    assert other.head.out_features == 3
+    with pytest.raises(FileNotFoundError, match="model.task.weights: no such file"):
+        build_classifier("small-cnn", 1, 10, 8, weights=str(tmp_path / "missing.pt"))
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="does not fit SmallCNN"):
+        build_classifier("small-cnn", 1, 10, 8, weights=str(tmp_path / "bad.pt"))
+    net18 = build_classifier("resnet18", 3, 5)
+    assert net18(torch.rand(1, 3, 64, 64)).shape == (1, 5)

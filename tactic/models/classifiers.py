@@ -63,9 +63,12 @@ def _load_weights(model: nn.Module, path: str, head: str) -> None:
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def build_classifier(arch: str, in_channels: int, num_classes: int, width: int = 32, weights: str | None = None) -> nn.Module:
+def build_classifier(arch: str, in_channels: int, num_classes: int, width: int = 16, weights: str | None = None) -> nn.Module:
     if arch == "small-cnn":
-        return SmallCNN(in_channels, num_classes, width)
+        net = SmallCNN(in_channels, num_classes, width)
+        if weights:
+            _load_weights(net, weights, "head")
+        return net
     import torchvision.models as tvm
 
     if arch == "inception_v3":
