@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,19 +19,15 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.flow import resolve_params
+from tactic.io import copy_tracked
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
 def copy_repo(dest: Path, profile: str) -> Path:
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
-    sys.path.insert(0, str(ROOT))
-    from pipeline.flow import resolve_params
-
+    copy_tracked(ROOT, dest)
     (dest / "params.yaml").write_text(yaml.safe_dump(resolve_params(ROOT, profile), sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest

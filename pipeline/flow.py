@@ -29,7 +29,7 @@ from prefect_dask import DaskTaskRunner
 
 from pipeline.stages import run_dvc_stage, stage_env, stage_graph
 from tactic import tracking
-from tactic.config import ROOT, ParamsError, parse_params
+from tactic.config import ROOT, ParamsError, merged, parse_params
 from tactic.io import write_text
 
 PROFILES = ROOT / "profiles"
@@ -45,13 +45,6 @@ def make_task_runner(address: Optional[str] = None, workers: Optional[int] = Non
                                           "dashboard_address": None})
 
 
-def _merge(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for k, v in overrides.items():
-        out[k] = _merge(base.get(k) or {}, v) if isinstance(v, dict) else v
-    return out
-
-
 def resolve_params(root: Path, profile: Optional[str] = None, dataset: Optional[str] = None, seeds: Optional[list] = None,
                    betas: Optional[list] = None, params: Optional[dict] = None) -> dict:
     """params.yaml with the profile and overrides merged in, validated; raises ParamsError naming the key."""
@@ -61,15 +54,15 @@ def resolve_params(root: Path, profile: Optional[str] = None, dataset: Optional[
         if not file.is_file():
             known = sorted(f.stem for f in PROFILES.glob("*.yaml"))
             raise ParamsError(f"profile: unknown {profile!r}; one of {known}")
-        raw = _merge(raw, yaml.safe_load(file.read_text()) or {})
+        raw = merged(raw, yaml.safe_load(file.read_text()) or {})
     overrides = dict(params or {})
     if dataset is not None:
-        overrides = _merge(overrides, {"prepare": {"dataset": dataset}})
+        overrides = merged(overrides, {"prepare": {"dataset": dataset}})
     if seeds is not None:
         overrides["seeds"] = seeds
     if betas is not None:
         overrides["betas"] = betas
-    raw = _merge(raw, overrides)
+    raw = merged(raw, overrides)
     parse_params(raw, source="flow parameters")
     return raw
 

@@ -130,6 +130,14 @@ def format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def merged(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` merged in, block by block (as a profile or `dvc exp run -S` would)."""
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = merged(base.get(k) or {}, v) if isinstance(v, dict) else v
+    return out
+
+
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw or {})

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -26,6 +28,16 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def copy_tracked(repo: Path, dest: Path) -> Path:
+    """Copy the files git tracks in `repo` to `dest`: a clean workspace for tests and benchmarks."""
+    files = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (repo / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / f, dest / f)
+    return dest
 
 
 def _umask() -> int:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tactic.config import parse_params
+from tactic.config import merged, parse_params
 from tactic.data import fashion_mnist
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,14 +24,6 @@ TINY = {
     "jpeg": {"qualities": [5, 50]},
     "evaluate": {"batch_size": 50},
 }
-
-
-def merged(base: dict, overrides: dict) -> dict:
-    """`base` with `overrides` merged in, block by block (DVC needs every key a stage lists to exist)."""
-    out = dict(base)
-    for k, v in overrides.items():
-        out[k] = merged(base.get(k, {}), v) if isinstance(v, dict) else v
-    return out
 
 
 def repo_params(overrides: dict) -> dict:

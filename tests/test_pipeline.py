@@ -1,7 +1,6 @@
 """The pipeline as a user runs it: `dvc repro` on a copy of the repo with the tiny profile."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import yaml
 
 from tactic.config import parse_params
 from tactic.grid import pretrain_runs, task_runs
+from tactic.io import copy_tracked
 from tests.conftest import REPO, TINY, repo_params
 
 BIN = Path(sys.executable).parent
@@ -22,11 +22,7 @@ def _env(db_uri):
 
 
 def _copy_repo(dest: Path, params: dict) -> Path:
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (REPO / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, dest / f)
+    copy_tracked(REPO, dest)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest
 
