@@ -11,7 +11,8 @@ from tactic.data.prepared import Split
 
 def to_float(images: np.ndarray | torch.Tensor, device) -> torch.Tensor:
     """(N, H, W, C) uint8 -> (N, C, H, W) float in [0, 1] on `device`."""
-    t = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    # A copy: memory-mapped splits are read-only, and the uint8 batch is cheap next to the float one.
+    t = torch.from_numpy(np.array(images)) if not isinstance(images, torch.Tensor) else images
     return t.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
 
 
