@@ -14,7 +14,7 @@ def parse(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, P
 
 def run(main) -> None:
     """Run a stage's main(); expected failures (bad params, missing data) print one clear line, no traceback."""
-    from tactic.data.fashion_mnist import DatasetError
+    from tactic.data.errors import DatasetError
     from tactic.data.prepared import PreparedDataError
 
     try:

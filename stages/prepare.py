@@ -16,8 +16,11 @@ def main(argv=None):
     args, p = cli.parse(ap, argv)
     with tracking.start_run("prepare", "prepare", {"stage": "prepare", **p.prepare.model_dump()}):
         meta = prepare(p.prepare, args.out)
-        tracking.log_metrics({f"num_{k}": v for k, v in meta["counts"].items()})
+        tracking.log_metrics({**{f"num_{k}": v for k, v in meta["counts"].items()}, "num_skipped": meta["skipped"]})
+        tracking.log_artifact(args.out / "skipped.json")
     print(f"prepared {meta['dataset']}: {meta['counts']} -> {args.out}")
+    if meta["skipped"]:
+        print(f"skipped {meta['skipped']} unreadable images: listed in {args.out / 'skipped.json'}")
 
 
 if __name__ == "__main__":

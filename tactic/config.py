@@ -21,13 +21,28 @@ class _Block(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+DATASETS = ("fashion-mnist", "minc-2500", "resisc-45", "rsscn7", "imagenet-50", "cityscapes")
+
+
 class PrepareParams(_Block):
-    dataset: Literal["fashion-mnist"] = "fashion-mnist"
+    dataset: Literal[DATASETS] = "fashion-mnist"
     root: str = "/usr/share/datasets/fashion-mnist"
-    train_size: PositiveInt = 4000
-    val_size: PositiveInt = 1000
-    test_size: PositiveInt = 2000
+    size: Optional[PositiveInt] = None  # shorter side resized to `size`, centre crop size x size; null: as stored
+    # Split sizes cap each split (a stratified draw); null takes all of it.
+    train_size: Optional[PositiveInt] = None
+    val_size: Optional[PositiveInt] = None
+    test_size: Optional[PositiveInt] = None
+    # Where a dataset has no official split: the test fraction of all images, then the validation
+    # fraction of the rest; where it has no validation split, the fraction of its training split.
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
     split_seed: int = 0
+    split: int = Field(1, ge=1, le=5)  # MINC-2500's official split number
+    split_files: Optional[str] = None  # folder with train.txt, test.txt (and val.txt): paths relative to root
+    val_root: Optional[str] = None  # imagenet-50: official validation images in WNID folders, used as test split
+    classes: Optional[PositiveInt] = None  # the first `classes` classes only (null: all the dataset has)
+    strict: bool = False  # stop at the first unreadable image instead of skipping it
+    workers: Optional[PositiveInt] = None  # decoding processes (null: one per core)
 
 
 class CodecParams(_Block):

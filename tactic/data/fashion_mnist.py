@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tactic.data.errors import DatasetError
+
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -13,10 +15,6 @@ FILES = {
 }
 LAYOUT = "<root>/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz"
 INSTALL_HINT = "install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, run `apt-get update` first) or set prepare.root"
-
-
-class DatasetError(RuntimeError):
-    pass
 
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:

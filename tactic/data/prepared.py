@@ -4,14 +4,17 @@
       meta.json                      dataset, classes, channels, image size, split sizes
       manifest.json                  sha256 of every file below, for byte-identity checks
       {train,val,test}/images.npy    (N, H, W, C) uint8
-      {train,val,test}/labels.npy    (N,) int64
+      {train,val,test}/labels.npy    (N,) int64 class indices, or (N, H, W) uint8 label masks
+      skipped.json                   unreadable images left out: path, reason, split
 
 `.npy` files are opened memory-mapped, so readers never hold a whole split in memory.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -31,7 +34,7 @@ class PreparedDataError(RuntimeError):
 @dataclass
 class Split:
     images: np.ndarray  # (N, H, W, C) uint8, memory-mapped
-    labels: np.ndarray  # (N,) int64
+    labels: np.ndarray  # (N,) int64 classes, or (N, H, W) uint8 masks (memory-mapped)
 
     def __len__(self):
         return len(self.labels)
@@ -45,26 +48,63 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_prepared(out: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> dict:
-    """Write all splits to a temporary folder beside `out`, then swap it into place; returns meta.json's content."""
+class RowFile:
+    """A preallocated .npy file whose rows `prepare`'s worker processes write in place.
+
+    Workers write each decoded row at its offset (`pwrite`: no pixels travel between processes, no
+    process maps or holds more than one row). Rows of images that turned out unreadable are dropped
+    at the end by moving the later rows up; the header, a fixed 128 bytes, is then rewritten with the
+    final count and the file truncated. `np.load` reads the result like any other .npy file.
+    """
+    HEADER = 128  # bytes, a multiple of 64 so the rows stay aligned for memory mapping
+
+    def __init__(self, path: Path, rows: int, row_shape: tuple, dtype=np.uint8):
+        self.path, self.rows, self.row_shape, self.dtype = Path(path), rows, tuple(row_shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
+        with open(self.path, "wb") as f:
+            f.write(self._header(rows))
+            f.truncate(self.HEADER + rows * self.row_bytes)
+
+    def _header(self, rows: int) -> bytes:
+        header = repr({"descr": self.dtype.str, "fortran_order": False, "shape": (rows, *self.row_shape)})
+        header = header.ljust(self.HEADER - 11) + "\n"
+        return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1")
+
+    def write(self, fd: int, row: int, value: np.ndarray) -> None:
+        """Write one row through `fd`, a descriptor of this file open for writing."""
+        data = np.ascontiguousarray(value, dtype=self.dtype).tobytes()
+        if len(data) != self.row_bytes:
+            raise ValueError(f"{self.path.name}: row of shape {value.shape}, expected {self.row_shape}")
+        os.pwrite(fd, data, self.HEADER + row * self.row_bytes)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` (ascending), in order."""
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            for dst, src in enumerate(rows):
+                if dst != src:
+                    os.pwrite(fd, os.pread(fd, self.row_bytes, self.HEADER + src * self.row_bytes), self.HEADER + dst * self.row_bytes)
+            os.pwrite(fd, self._header(len(rows)), 0)
+            os.ftruncate(fd, self.HEADER + len(rows) * self.row_bytes)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def prepared_dir(out: str | Path):
+    """A temporary folder beside `out` to write the prepared data into; on success the manifest is
+    written and the folder swapped into place, so a reader never sees a half-prepared dataset."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes 0700
     try:
-        for name, (images, labels) in splits.items():
-            (tmp / name).mkdir()
-            np.save(tmp / name / "images.npy", np.ascontiguousarray(images, dtype=np.uint8))
-            np.save(tmp / name / "labels.npy", np.asarray(labels, dtype=np.int64))
-        counts = {name: int(len(labels)) for name, (_, labels) in splits.items()}
-        meta = {**meta, "counts": counts}
-        write_json(tmp / "meta.json", meta)
+        yield tmp
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         write_json(tmp / "manifest.json", {str(p.relative_to(tmp)): sha256(p) for p in files})
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
-        return meta
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -80,7 +120,7 @@ def read_meta(root: str | Path) -> dict:
 def load_split(root: str | Path, name: str) -> Split:
     folder = Path(root) / name
     try:
-        return Split(np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "labels.npy"))
+        return Split(np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "labels.npy", mmap_mode="r"))
     except FileNotFoundError as err:
         raise PreparedDataError(f"{err.filename} not found: run the prepare stage first (`dvc repro prepare`)") from None
 
