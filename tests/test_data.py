@@ -50,7 +50,7 @@ def test_prepare_is_byte_identical_and_stratified(tmp_path, fmnist_root):
 
 
 def test_prepare_rejects_too_large_sizes(tmp_path, fmnist_root):
-    with pytest.raises(ValueError, match="prepare.test_size: asks for 20000 images, the dataset has 10000"):
+    with pytest.raises(ValueError, match="prepare.test_size: asks for 20000 images, fashion-mnist has 10000 in its test split"):
         prepare(PrepareParams(root=fmnist_root, train_size=10, val_size=10, test_size=20000), tmp_path / "p")
 
 

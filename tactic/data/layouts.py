@@ -94,7 +94,7 @@ def _take(dataset: str, found: list[str], expected: int, limit: Optional[int], a
     return found[:want]
 
 
-def _class_folders(dataset: str, root: Path, cfg, names: list[str], file_re: str) -> Index:
+def _class_folders(dataset: str, root: Path, names: list[str], file_re: str) -> Index:
     """One folder per class, images inside named per `file_re` (`{cls}` is the class name)."""
     images, targets = [], []
     for c, name in enumerate(names):
@@ -179,7 +179,7 @@ def minc_index(cfg) -> Index:
 def resisc_index(cfg) -> Index:
     root = _root("resisc-45", cfg.root)
     found = [p.name for p in _visible(root) if p.is_dir()]
-    index = _class_folders("resisc-45", root, cfg, _take("resisc-45", found, 45, cfg.classes), r"{cls}_\d+\.jpg")
+    index = _class_folders("resisc-45", root, _take("resisc-45", found, 45, cfg.classes), r"{cls}_\d+\.jpg")
     return _split_files("resisc-45", index, cfg.split_files, root) if cfg.split_files else index
 
 
@@ -190,7 +190,7 @@ def rsscn7_index(cfg) -> Index:
         raise _fail("rsscn7", f"{extra[0]} is not one of the seven class folders")
     names = RSSCN7_CLASSES[:cfg.classes] if cfg.classes else RSSCN7_CLASSES
     suffixes = "|".join(s[1:] for s in IMAGE_SUFFIXES)
-    index = _class_folders("rsscn7", root, cfg, names, rf"[^/]+\.({suffixes})")
+    index = _class_folders("rsscn7", root, names, rf"[^/]+\.({suffixes})")
     return _split_files("rsscn7", index, cfg.split_files, root) if cfg.split_files else index
 
 
@@ -201,7 +201,7 @@ def imagenet_index(cfg) -> Index:
     if odd:
         raise _fail("imagenet-50", f"{odd[0]} is not a WNID folder")
     names = _take("imagenet-50", [p.name for p in dirs], 50, cfg.classes, at_least=True)
-    index = _class_folders("imagenet-50", root, cfg, names, r"{cls}_\d+\.jpe?g")
+    index = _class_folders("imagenet-50", root, names, r"{cls}_\d+\.jpe?g")
     if cfg.val_root:
         # The official validation images, sorted into WNID folders, become the test split.
         val = _class_folders("imagenet-50", _root("imagenet-50", cfg.val_root), cfg, names, r"[^/]+\.jpe?g")
