@@ -204,7 +204,7 @@ def imagenet_index(cfg) -> Index:
     index = _class_folders("imagenet-50", root, names, r"{cls}_\d+\.jpe?g")
     if cfg.val_root:
         # The official validation images, sorted into WNID folders, become the test split.
-        val = _class_folders("imagenet-50", _root("imagenet-50", cfg.val_root), cfg, names, r"[^/]+\.jpe?g")
+        val = _class_folders("imagenet-50", _root("imagenet-50", cfg.val_root), names, r"[^/]+\.jpe?g")
         n = len(index.images)
         index.official = {"train": list(range(n)), "test": list(range(n, n + len(val.images)))}
         index.images += val.images
