@@ -1,4 +1,10 @@
-"""Metrics: top-k accuracy, PSNR, and BD-accuracy between rate-accuracy curves."""
+"""Metrics: top-k accuracy, PSNR, BD-accuracy between rate-accuracy curves, and segmentation scores.
+
+Segmentation is scored from one confusion matrix summed over the whole test split:
+
+    conf = sum(confusion_matrix(logits.argmax(1), y, num_classes) for logits, y in batches)
+    scores = segmentation_scores(conf)  # pixel_accuracy, miou, iou (per class)
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -39,3 +45,39 @@ def bd_accuracy(rate_a, acc_a, rate_b, acc_b, samples: int = 1000) -> float:
         raise ValueError(f"rate ranges do not overlap: [{10**ra[0]:.3g}, {10**ra[-1]:.3g}] and [{10**rb[0]:.3g}, {10**rb[-1]:.3g}] bpp")
     grid = np.linspace(lo, hi, samples)
     return float(np.mean(np.interp(grid, rb, ab) - np.interp(grid, ra, aa)))
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """Pixel counts (num_classes, num_classes), int64, on the inputs' device: row = true class, column = predicted.
+
+    `pred` and `target` are class maps of the same shape (e.g. (N, H, W)); pixels whose target is
+    `ignore_index` are not counted. Raises ValueError on any other label outside [0, num_classes).
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    valid = target != ignore_index
+    pred, target = pred[valid].long(), target[valid].long()
+    # bincount would silently fold an out-of-range label into a neighbouring cell.
+    if ((target < 0) | (target >= num_classes) | (pred < 0) | (pred >= num_classes)).any():
+        raise ValueError(f"labels outside [0, {num_classes}) other than ignore_index={ignore_index}")
+    counts = torch.bincount(target * num_classes + pred, minlength=num_classes**2)
+    return counts.reshape(num_classes, num_classes)
+
+
+def segmentation_scores(conf) -> dict:
+    """Pixel accuracy, mean IoU and per-class IoU from a confusion matrix (rows = true class).
+
+    IoU_c = TP / (TP + FP + FN). A class absent from both ground truth and prediction (zero union)
+    has no IoU: it is NaN in `iou` and left out of `miou`, as in the Cityscapes evaluation script,
+    which averages over classes with a non-zero union. Empty matrices give NaN scores.
+    """
+    conf = np.asarray(conf.cpu() if isinstance(conf, torch.Tensor) else conf, dtype=np.float64)
+    tp, total = np.diag(conf), conf.sum()
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = np.full(len(tp), np.nan)
+    np.divide(tp, union, out=iou, where=union > 0)
+    return {
+        "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
+        "miou": float(iou[union > 0].mean()) if (union > 0).any() else float("nan"),
+        "iou": iou.tolist(),
+    }

@@ -47,17 +47,20 @@ class _RepeatChannels(nn.Module):
         return self.net(x.expand(-1, self.channels, -1, -1))
 
 
-def _load_weights(model: nn.Module, path: str, head: str) -> None:
+def load_weights(model: nn.Module, path: str, heads: tuple[str, ...], drop: tuple[str, ...] = ()) -> None:
+    """A local state dict into `model`. Keys under `heads` whose shape differs (another class count)
+    keep our initialisation; keys under `drop` (parts we do not build) are ignored; anything else
+    that does not fit is an error naming the file."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"model.task.weights: no such file {file}")
     state = torch.load(file, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
     own = model.state_dict()
-    # The classifier head (and Inception's auxiliary head) may have another class count: keep ours.
-    state = {k: v for k, v in state.items() if not (k.startswith((head, "AuxLogits")) and own.get(k, v).shape != v.shape)}
+    state = {k: v for k, v in state.items()
+             if not k.startswith(drop) and not (k.startswith(heads) and own.get(k, v).shape != v.shape)}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith((head, "AuxLogits"))]
+    missing = [k for k in missing if not k.startswith(heads)]
     if missing or unexpected:
         raise ValueError(f"model.task.weights: {file} does not fit {type(model).__name__}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -67,7 +70,7 @@ def build_classifier(arch: str, in_channels: int, num_classes: int, width: int =
     if arch == "small-cnn":
         net = SmallCNN(in_channels, num_classes, width)
         if weights:
-            _load_weights(net, weights, "head")
+            load_weights(net, weights, ("head",))
         return net
     import torchvision.models as tvm
 
@@ -78,6 +81,7 @@ def build_classifier(arch: str, in_channels: int, num_classes: int, width: int =
     else:
         raise ValueError(f"model.task.arch: unknown {arch!r}")
     if weights:
-        _load_weights(net, weights, "fc")
+        # Inception's auxiliary head is not built here (aux_logits=False): its weights are dropped.
+        load_weights(net, weights, ("fc",), drop=("AuxLogits.",))
     net.fc = nn.Linear(net.fc.in_features, num_classes)
     return net if in_channels == 3 else _RepeatChannels(net)
