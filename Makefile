@@ -1,4 +1,4 @@
-# `make run`: set everything up and run the experiment on the embedded data.
+# `make run`: set everything up and run the experiment on the embedded data ([PROFILE=name]).
 # `make test`: set everything up and run the test suite.
 SHELL := /bin/bash
 VENV ?= .venv
@@ -11,7 +11,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test serve setup data dvc-init clean
 
+# PROFILE=<name> first merges profiles/<name>.yaml into params.yaml (e.g. segmentation, smoke).
 run: setup data dvc-init
+	$(if $(PROFILE),$(VENV)/bin/tactic profile $(PROFILE))
 	dvc repro
 	@echo; cat results/table.md; echo "plot: $(CURDIR)/results/rate_accuracy.png"
 	@echo "browse runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.flow import resolve_params
+from tactic.profiles import resolve_params
 from tactic.io import copy_tracked
 
 ROOT = Path(__file__).resolve().parent.parent

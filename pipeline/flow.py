@@ -17,22 +17,17 @@ One MLflow parent run per flow run holds the stage runs, nested.
 from __future__ import annotations
 
 import argparse
-import io
 import os
-from pathlib import Path
 from typing import Optional
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run as current_flow_run
 from prefect_dask import DaskTaskRunner
 
 from pipeline.stages import run_dvc_stage, stage_env, stage_graph
 from tactic import tracking
-from tactic.config import ROOT, ParamsError, merged, parse_params
-from tactic.io import write_text
-
-PROFILES = ROOT / "profiles"
+from tactic.config import ROOT, parse_params
+from tactic.profiles import resolve_params, write_params
 
 
 def make_task_runner(address: Optional[str] = None, workers: Optional[int] = None) -> DaskTaskRunner:
@@ -43,53 +38,6 @@ def make_task_runner(address: Optional[str] = None, workers: Optional[int] = Non
     workers = workers or int(os.environ.get("TACTIC_DASK_WORKERS", 0)) or os.cpu_count()
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                           "dashboard_address": None})
-
-
-def resolve_params(root: Path, profile: Optional[str] = None, dataset: Optional[str] = None, seeds: Optional[list] = None,
-                   betas: Optional[list] = None, params: Optional[dict] = None) -> dict:
-    """params.yaml with the profile and overrides merged in, validated; raises ParamsError naming the key."""
-    raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    if profile:
-        file = PROFILES / f"{profile}.yaml"
-        if not file.is_file():
-            known = sorted(f.stem for f in PROFILES.glob("*.yaml"))
-            raise ParamsError(f"profile: unknown {profile!r}; one of {known}")
-        raw = merged(raw, yaml.safe_load(file.read_text()) or {})
-    overrides = dict(params or {})
-    if dataset is not None:
-        overrides = merged(overrides, {"prepare": {"dataset": dataset}})
-    if seeds is not None:
-        overrides["seeds"] = seeds
-    if betas is not None:
-        overrides["betas"] = betas
-    raw = merged(raw, overrides)
-    parse_params(raw, source="flow parameters")
-    return raw
-
-
-def write_params(path: Path, raw: dict) -> None:
-    """Write `raw` into the params file if it differs, keeping the file's comments and key order."""
-    from ruamel.yaml import YAML
-
-    ry = YAML()
-    doc = ry.load(path.read_text())
-    if doc == raw:
-        return
-
-    def update(node, new):
-        for k in list(node):
-            if k not in new:
-                del node[k]
-        for k, v in new.items():
-            if isinstance(v, dict) and isinstance(node.get(k), dict):
-                update(node[k], v)
-            elif node.get(k) != v:
-                node[k] = v
-
-    update(doc, raw)
-    buf = io.StringIO()
-    ry.dump(doc, buf)
-    write_text(path, buf.getvalue())
 
 
 @task(name="stage", task_run_name="{name}", retries=0)

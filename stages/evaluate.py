@@ -16,7 +16,7 @@ from tactic.grid import task_runs
 from tactic.io import write_json
 from tactic.system import resolve_device
 
-TEST_METRICS = ("accuracy", "top5", "bpp", "bpp_estimated", "bpp_file", "psnr")
+TEST_METRICS = ("accuracy", "top5", "miou", "bpp", "bpp_estimated", "bpp_file", "psnr")
 
 
 def main(argv=None):

@@ -1,10 +1,10 @@
-"""The `tactic` command: `tactic compare ...` (see tactic.compare)."""
+"""The `tactic` command: `tactic compare ...` (tactic.compare), `tactic profile NAME` (tactic.profiles)."""
 import sys
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"compare": "tactic.compare"}
+    commands = {"compare": "tactic.compare", "profile": "tactic.profiles"}
     if not argv or argv[0] not in commands:
         print(f"usage: tactic {{{','.join(commands)}}} [--help]", file=sys.stderr)
         return 2

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError,
+                      field_validator, model_validator)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = ROOT / "params.yaml"
@@ -21,7 +22,10 @@ class _Block(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-DATASETS = ("fashion-mnist", "minc-2500", "resisc-45", "rsscn7", "imagenet-50", "cityscapes")
+DATASETS = ("fashion-mnist", "minc-2500", "resisc-45", "rsscn7", "imagenet-50", "cityscapes", "fashion-mnist-canvases")
+SEGMENTATION_DATASETS = ("cityscapes", "fashion-mnist-canvases")
+CLASSIFIERS = ("small-cnn", "resnet18", "resnet50", "inception_v3")
+SEGMENTERS = ("small-fcn", "fcn_resnet101")
 
 
 class PrepareParams(_Block):
@@ -43,6 +47,9 @@ class PrepareParams(_Block):
     classes: Optional[PositiveInt] = None  # the first `classes` classes only (null: all the dataset has)
     strict: bool = False  # stop at the first unreadable image instead of skipping it
     workers: Optional[PositiveInt] = None  # decoding processes (null: one per core)
+    # fashion-mnist-canvases (the embedded segmentation set): canvas side and items per canvas (min, max)
+    canvas_size: PositiveInt = 64
+    canvas_items: tuple[PositiveInt, PositiveInt] = (2, 4)
 
 
 class CodecParams(_Block):
@@ -51,10 +58,17 @@ class CodecParams(_Block):
 
 
 class TaskParams(_Block):
-    task: Literal["classification"] = "classification"
-    arch: Literal["small-cnn", "resnet18", "resnet50", "inception_v3"] = "small-cnn"
-    width: PositiveInt = 16  # small-cnn only
+    task: Literal["classification", "segmentation"] = "classification"
+    arch: Literal[CLASSIFIERS + SEGMENTERS] = "small-cnn"
+    width: PositiveInt = 16  # small-cnn, small-fcn only
     weights: Optional[str] = None  # optional local state dict for torchvision models; never downloaded
+
+    @model_validator(mode="after")
+    def _arch_fits_task(self):
+        allowed = CLASSIFIERS if self.task == "classification" else SEGMENTERS
+        if self.arch not in allowed:
+            raise ValueError(f"arch {self.arch!r} is not a {self.task} network; one of {list(allowed)}")
+        return self
 
 
 class ModelParams(_Block):
@@ -75,6 +89,8 @@ class PretrainParams(OptimParams):
 
 class TrainParams(OptimParams):
     alpha: float = Field(0.1, ge=0)  # task-loss weight of the aware mode
+    gamma: float = Field(1.0, ge=0)  # segmentation: L_T = weighted cross-entropy + gamma * Dice
+    class_weights: Optional[list[PositiveFloat]] = None  # segmentation: cross-entropy weight per class
     codec_lr: PositiveFloat = 1e-3  # aware mode: the codec is fine-tuned from its rate-distortion start
     aux_lr: PositiveFloat = 1e-3
 
@@ -102,7 +118,7 @@ class ReportParams(_Block):
 
 class Params(_Block):
     seeds: list[int] = [0, 1, 2]
-    betas: list[PositiveFloat] = [0.0005, 0.004, 0.032]
+    betas: list[NonNegativeFloat] = [0.0005, 0.004, 0.032]
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Optional[PositiveInt] = None  # torch intra-op threads; default: all cores
     prepare: PrepareParams = PrepareParams()
@@ -121,6 +137,17 @@ class Params(_Block):
         if isinstance(v, list) and any(isinstance(b, int) and not isinstance(b, bool) for b in v):
             raise ValueError(f"write every beta as a decimal (2.0, not 2), got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _task_fits_dataset(self):
+        seg = self.prepare.dataset in SEGMENTATION_DATASETS
+        if seg != (self.model.task.task == "segmentation"):
+            raise ValueError(f"model.task.task {self.model.task.task!r} does not fit prepare.dataset {self.prepare.dataset!r} "
+                             f"(segmentation datasets: {list(SEGMENTATION_DATASETS)})")
+        weights = self.train.class_weights
+        if weights is not None and self.model.task.task != "segmentation":
+            raise ValueError("train.class_weights is for segmentation only")
+        return self
 
     @field_validator("seeds", "betas")
     @classmethod
@@ -141,7 +168,8 @@ def format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{source}: {key}: {msg} (got {e.get('input')!r})")
+        got = f" (got {e.get('input')!r})" if e["loc"] else ""  # at the root, the input is the whole file
+        lines.append(f"{source}: {key}: {msg.removeprefix('Value error, ')}{got}")
     return "\n".join(lines)
 
 

@@ -6,13 +6,15 @@
 - JPEG: every image is written as a JPEG file by Pillow and decoded back; `bpp` counts the
   entropy-coded scan, `bpp_file` the whole file (headers included).
 - uncompressed: 8 bits per channel.
+
+Classification reports top-1 (`accuracy`) and top-5; segmentation reports pixel accuracy (as
+`accuracy`), mean IoU (`miou`) and IoU per class (`iou`), from one confusion matrix over the split.
 """
 from __future__ import annotations
 
 import sys
 from collections import defaultdict
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -21,15 +23,18 @@ from tactic.data import batches, num_batches
 from tactic.data.prepared import Split
 from tactic.grid import Run
 from tactic.losses import bpp as estimated_bpp
-from tactic.metrics import psnr, topk_correct
+from tactic.metrics import psnr
 from tactic.system import System
+from tactic.train import TaskScores
 
 
 @torch.no_grad()
-def evaluate_system(system: System, run: Run, test: Split, batch_size: int, device, limit: int | None = None) -> dict:
+def evaluate_system(system: System, run: Run, test: Split, batch_size: int, device, limit: int | None = None,
+                    ignore_index: int = 255) -> dict:
     system.eval()
     channels = test.images.shape[-1]
     sums = defaultdict(float)
+    scores = TaskScores(ignore_index)
     n = 0
     limit_batches = None if limit is None else (limit + batch_size - 1) // batch_size
     for x, y in tqdm(batches(test, batch_size, device, limit_batches=limit_batches), total=num_batches(test, batch_size, limit_batches),
@@ -54,9 +59,7 @@ def evaluate_system(system: System, run: Run, test: Split, batch_size: int, devi
             sums["psnr"] += float(psnr(x_hat, x).clamp(max=100).sum())
         if system.task is not None:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
-                logits = system.task(x_hat).float()
-            for k, c in topk_correct(logits, y).items():
-                sums[f"top{k}"] += c
+                scores.add(system.task(x_hat).float(), y)
         sums["pixels"] += pixels * len(x)
         n += len(x)
     row = {"run": run.key, "mode": run.mode, "seed": run.seed, "beta": run.beta, "quality": run.quality, "num_images": n,
@@ -66,8 +69,5 @@ def evaluate_system(system: System, run: Run, test: Split, batch_size: int, devi
     if "bits_file" in sums:
         row["bpp_file"] = sums["bits_file"] / sums["pixels"]
     row["psnr"] = sums["psnr"] / n if "psnr" in sums else None
-    if "top1" in sums:
-        row["accuracy"] = sums["top1"] / n
-    if "top5" in sums:
-        row["top5"] = sums["top5"] / n
+    row.update(scores.result())  # accuracy (top-1, or pixel accuracy), top5, or miou and iou per class
     return row

@@ -17,7 +17,8 @@ from tactic.data.prepared import load_split, read_meta
 from tactic.evaluate import evaluate_system
 from tactic.grid import Run
 from tactic.losses import TacticLoss
-from tactic.system import System, build_codec, build_task, load_codec, load_system, resolve_device, save_system
+from tactic.system import (System, build_codec, build_task, build_task_loss, load_codec, load_system, resolve_device,
+                           save_system)
 from tactic.train import fingerprint, fit, load_checkpoint, make_optimizers
 
 
@@ -39,7 +40,7 @@ def _train(p: Params, run: Run, system: System, loss_fn: TacticLoss, optim, cfg,
     run_id = state.get("mlflow_run_id") if state else None
     params = {"mode": run.mode, "seed": run.seed, "beta": run.beta, "quality": run.quality, "dataset": p.prepare.dataset,
               "codec": "tactic" if system.codec is not None else ("jpeg" if run.mode == "jpeg" else "none"),
-              "task": p.model.task.arch, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+              "task": p.model.task.task, "task_net": p.model.task.arch, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
               "lmbda_d": loss_fn.lmbda_d, "alpha": loss_fn.alpha, "beta_loss": loss_fn.beta, **run_params}
     with tracking.start_run(run.key, run.stage, params, run_id=run_id) as mlrun:
         t0 = time.perf_counter()
@@ -68,7 +69,8 @@ def train_task(p: Params, run: Run, data: Path, models: Path) -> dict:
     device = resolve_device(p)
     meta = read_meta(data)
     task, codec, transform = build_task(p, meta), None, None
-    loss_fn = TacticLoss(lmbda_d=0.0, alpha=1.0, beta=0.0)
+    task_loss = build_task_loss(p, meta)
+    loss_fn = TacticLoss(lmbda_d=0.0, alpha=1.0, beta=0.0, task_loss=task_loss)
     run_params = {}
     if run.mode == "jpeg":
         transform = functools.partial(_jpeg_images, quality=run.quality)
@@ -77,8 +79,11 @@ def train_task(p: Params, run: Run, data: Path, models: Path) -> dict:
         codec = load_codec(codec_path, device)[0]
         run_params["codec_init"] = run.codec_run.key
         if run.mode == "aware":
-            loss_fn = TacticLoss(lmbda_d=1.0, alpha=p.train.alpha, beta=run.beta)
+            loss_fn = TacticLoss(lmbda_d=1.0, alpha=p.train.alpha, beta=run.beta, task_loss=task_loss)
     system = System(codec, task, codec_frozen=run.mode == "agnostic").to(device)
+    loss_fn.to(device)
+    if task_loss is not None:
+        run_params.update(gamma=p.train.gamma, class_weights=p.train.class_weights)
     optim = make_optimizers(system, p.train.lr, codec_lr=p.train.codec_lr, aux_lr=p.train.aux_lr)
     return _train(p, run, system, loss_fn, optim, p.train, data, models, run_params, transform)
 
@@ -93,6 +98,7 @@ def evaluate_run(p: Params, run: Run, data: Path, models: Path, device) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run its stage first (`dvc repro {run.stage}`)")
     system, state = load_system(path, p, meta, device)
-    row = evaluate_system(system, run, load_split(data, "test"), p.evaluate.batch_size, device, p.evaluate.limit)
+    row = evaluate_system(system, run, load_split(data, "test"), p.evaluate.batch_size, device, p.evaluate.limit,
+                          meta.get("ignore_index", 255))
     row["mlflow_run_id"] = state.get("mlflow_run_id")
     return row

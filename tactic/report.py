@@ -1,4 +1,8 @@
-"""Rate-accuracy report across seeds: table, plot, CompressAI-format results and BD-accuracy."""
+"""Rate-accuracy report across seeds: table, plot, CompressAI-format results and BD-accuracy.
+
+For segmentation, `accuracy` is pixel accuracy and mean IoU (`miou`) is reported beside it: a
+second column in the table, a rate-mIoU panel beside the rate-accuracy one, BD-mIoU in the summary.
+"""
 from __future__ import annotations
 
 import csv
@@ -12,7 +16,7 @@ from tactic.grid import MODES
 from tactic.io import atomic_path, write_json, write_text
 from tactic.metrics import bd_accuracy
 
-FIELDS = ("accuracy", "top5", "bpp", "bpp_estimated", "bpp_file", "psnr")
+FIELDS = ("accuracy", "top5", "miou", "bpp", "bpp_estimated", "bpp_file", "psnr")
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -68,19 +72,27 @@ def _fmt(p, f, scale=1.0, digits=3):
     return f"{p[f] * scale:.{digits}f} ± {p[f + '_std'] * scale:.{digits}f}"
 
 
+def _segmentation(points) -> bool:
+    return any("miou" in p for p in points)
+
+
 def table(points: list[dict]) -> str:
-    head = "| mode | point | seeds | top-1 % | top-5 % | bpp (real) | bpp (estimated) | bpp (JPEG file) | PSNR dB |\n|---|---|---|---|---|---|---|---|---|\n"
+    seg = _segmentation(points)
+    task = ("pixel acc. %", "mIoU %") if seg else ("top-1 %", "top-5 %")
+    head = (f"| mode | point | seeds | {task[0]} | {task[1]} | bpp (real) | bpp (estimated) | bpp (JPEG file) | PSNR dB |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for p in points:
         point = f"beta={p['beta']}" if p["beta"] is not None else (f"q={p['quality']}" if p["quality"] is not None else "-")
-        lines.append(f"| {p['mode']} | {point} | {len(p['seeds'])} | {_fmt(p, 'accuracy', 100, 2)} | {_fmt(p, 'top5', 100, 2)} | "
+        lines.append(f"| {p['mode']} | {point} | {len(p['seeds'])} | {_fmt(p, 'accuracy', 100, 2)} | "
+                     f"{_fmt(p, 'miou' if seg else 'top5', 100, 2)} | "
                      f"{_fmt(p, 'bpp')} | {_fmt(p, 'bpp_estimated')} | {_fmt(p, 'bpp_file')} | {_fmt(p, 'psnr', 1, 2)} |")
     return head + "\n".join(lines) + "\n"
 
 
 def points_csv(points: list[dict]) -> str:
     buf = io.StringIO()
-    cols = ["mode", "beta", "quality", "bpp", "bpp_std", "accuracy", "accuracy_std", "psnr"]
+    cols = ["mode", "beta", "quality", "bpp", "bpp_std", "accuracy", "accuracy_std", "miou", "miou_std", "psnr"]
     w = csv.DictWriter(buf, cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(points)
@@ -90,36 +102,40 @@ def points_csv(points: list[dict]) -> str:
 def compressai_results(points: list[dict], mode: str, dataset: str) -> dict:
     """CompressAI's results format, with accuracy beside bpp, so its plotting tools can be reused."""
     ps = sorted((p for p in points if p["mode"] == mode), key=lambda p: p["bpp"])
-    results = {k: [p.get(k) for p in ps] for k in ("bpp", "bpp_std", "accuracy", "accuracy_std", "top5", "bpp_estimated", "bpp_file", "psnr")}
+    results = {k: [p.get(k) for p in ps] for k in ("bpp", "bpp_std", "accuracy", "accuracy_std", "top5", "miou", "miou_std",
+                                                   "bpp_estimated", "bpp_file", "psnr")}
     results = {k: v for k, v in results.items() if any(x is not None for x in v)}
     if "psnr" in results:
         results["psnr-rgb"] = results.pop("psnr")
     return {"name": f"tactic-{mode}", "description": f"{mode} on {dataset}, mean over seeds", "results": results}
 
 
-def plot(points: list[dict], path: Path, title: str, field: str = "accuracy", ylabel: str = "top-1 accuracy (%)") -> None:
+def plot(points: list[dict], path: Path, title: str) -> None:
+    """Rate-accuracy; for segmentation a rate-mIoU panel beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    panels = [("accuracy", "pixel accuracy (%)"), ("miou", "mean IoU (%)")] if _segmentation(points) else [("accuracy", "top-1 accuracy (%)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), dpi=120, squeeze=False)
     styles = {"jpeg": ("tab:gray", "s"), "agnostic": ("tab:blue", "o"), "aware": ("tab:red", "^")}
-    for mode, (color, marker) in styles.items():
-        ps = sorted((p for p in points if p["mode"] == mode and field in p), key=lambda p: p["bpp"])
-        if ps:
-            ax.errorbar([p["bpp"] for p in ps], [100 * p[field] for p in ps], xerr=[p["bpp_std"] for p in ps],
-                        yerr=[100 * p[f"{field}_std"] for p in ps], color=color, marker=marker, capsize=3, label=mode)
-    for p in points:
-        if p["mode"] == "uncompressed" and field in p:
-            ax.axhline(100 * p[field], color="k", ls="--", lw=1, label=f"uncompressed ({p['bpp']:.0f} bpp)")
-            ax.axhspan(100 * (p[field] - p[f"{field}_std"]), 100 * (p[field] + p[f"{field}_std"]), color="k", alpha=0.08)
-    ax.set_xscale("log")
-    ax.set_xlabel("bits per pixel (real bitstreams; JPEG: entropy-coded scan)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    for ax, (field, ylabel) in zip(axes[0], panels):
+        for mode, (color, marker) in styles.items():
+            ps = sorted((p for p in points if p["mode"] == mode and field in p), key=lambda p: p["bpp"])
+            if ps:
+                ax.errorbar([p["bpp"] for p in ps], [100 * p[field] for p in ps], xerr=[p["bpp_std"] for p in ps],
+                            yerr=[100 * p[f"{field}_std"] for p in ps], color=color, marker=marker, capsize=3, label=mode)
+        for p in points:
+            if p["mode"] == "uncompressed" and field in p:
+                ax.axhline(100 * p[field], color="k", ls="--", lw=1, label=f"uncompressed ({p['bpp']:.0f} bpp)")
+                ax.axhspan(100 * (p[field] - p[f"{field}_std"]), 100 * (p[field] + p[f"{field}_std"]), color="k", alpha=0.08)
+        ax.set_xscale("log")
+        ax.set_xlabel("bits per pixel (real bitstreams; JPEG: entropy-coded scan)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -130,9 +146,13 @@ def write_report(rows: list[dict], out: Path, title: str, dataset: str) -> dict:
     """Everything the report stage writes under `out`; returns the summary (the DVC metrics)."""
     points = aggregate(rows)
     summary = {"num_runs": len(rows), **bd_summary(points, rows)}
+    if _segmentation(points):
+        summary.update(bd_summary(points, rows, "miou"))
     for p in points:
         if p["mode"] == "uncompressed":
             summary["uncompressed_accuracy"] = p.get("accuracy")
+            if "miou" in p:
+                summary["uncompressed_miou"] = p["miou"]
     write_text(out / "table.md", table(points))
     write_text(out / "points.csv", points_csv(points))
     write_json(out / "points.json", points)

@@ -61,7 +61,23 @@ def build_codec(p: Params, in_channels: int):
 
 def build_task(p: Params, meta: dict) -> nn.Module:
     t = p.model.task
+    if t.task == "segmentation":
+        from tactic.models.segmenters import build_segmenter
+
+        return build_segmenter(t.arch, meta["channels"], len(meta["classes"]), t.width, t.weights)
     return build_classifier(t.arch, meta["channels"], len(meta["classes"]), t.width, t.weights)
+
+
+def build_task_loss(p: Params, meta: dict):
+    """L_T: cross-entropy for classification; weighted cross-entropy + gamma * Dice for segmentation."""
+    if p.model.task.task != "segmentation":
+        return None  # TacticLoss's default, cross-entropy
+    from tactic.losses import SegmentationLoss
+
+    weights = p.train.class_weights
+    if weights is not None and len(weights) != len(meta["classes"]):
+        raise ValueError(f"train.class_weights: {len(weights)} weights for {len(meta['classes'])} classes ({meta['dataset']})")
+    return SegmentationLoss(p.train.gamma, weights, meta.get("ignore_index", 255))
 
 
 def save_system(path: Path | str, system: System, run_key: str, extra: dict | None = None) -> None:

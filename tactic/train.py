@@ -16,7 +16,7 @@ from tactic.data import batches, num_batches
 from tactic.data.prepared import Split
 from tactic.io import save_torch
 from tactic.losses import TacticLoss
-from tactic.metrics import psnr
+from tactic.metrics import confusion_matrix, psnr, segmentation_scores, topk_correct
 from tactic.system import System
 
 
@@ -38,23 +38,52 @@ def make_optimizers(system: System, lr: float, codec_lr: Optional[float] = None,
     return torch.optim.Adam(groups), aux
 
 
+class TaskScores:
+    """Accuracy summed over batches: top-k for classification; for segmentation a confusion matrix
+    over the whole split, giving pixel accuracy (as `accuracy`) and mean IoU (`miou`)."""
+
+    def __init__(self, ignore_index: int = 255):
+        self.ignore_index, self.sums, self.n, self.conf = ignore_index, defaultdict(float), 0, None
+
+    def add(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        if logits.dim() == 4:
+            conf = confusion_matrix(logits.argmax(1), y, logits.shape[1], self.ignore_index)
+            self.conf = conf if self.conf is None else self.conf + conf
+        else:
+            for k, c in topk_correct(logits, y).items():
+                self.sums[f"top{k}"] += c
+            self.n += len(y)
+
+    def result(self) -> dict:
+        if self.conf is not None:
+            scores = segmentation_scores(self.conf)
+            iou = [None if v != v else v for v in scores["iou"]]  # NaN (class never seen) -> null in JSON
+            return {"accuracy": scores["pixel_accuracy"], "miou": scores["miou"], "iou": iou}
+        out = {"accuracy": self.sums["top1"] / self.n} if self.n else {}
+        if "top5" in self.sums:
+            out["top5"] = self.sums["top5"] / self.n
+        return out
+
+
 @torch.no_grad()
 def validate(system: System, loss_fn: TacticLoss, split: Split, batch_size: int, device, limit_batches=None) -> dict:
-    """Loss parts, accuracy and PSNR with the codec in inference mode (rounding; estimated bpp)."""
+    """Loss parts, accuracy (mIoU too for segmentation) and PSNR with the codec in inference mode
+    (rounding; estimated bpp)."""
     system.eval()
-    sums, n, correct = defaultdict(float), 0, 0
+    sums, n = defaultdict(float), 0
+    scores = TaskScores(getattr(loss_fn.task_loss, "ignore_index", 255))
     for x, y in batches(split, batch_size, device, limit_batches=limit_batches):
         out = system(x)
         for k, v in loss_fn(out, x, y).items():
             sums[k] += float(v) * len(x)
         if "logits" in out:
-            correct += int((out["logits"].argmax(1) == y).sum())
+            scores.add(out["logits"], y)
         if "x_hat" in out:
             sums["psnr"] += float(psnr(out["x_hat"], x).sum())
         n += len(x)
     metrics = {f"val_{k}": v / n for k, v in sums.items()}
     if system.task is not None:
-        metrics["val_accuracy"] = correct / n
+        metrics.update({f"val_{k}": v for k, v in scores.result().items() if k in ("accuracy", "miou")})
     return metrics
 
 

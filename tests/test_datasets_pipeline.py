@@ -8,8 +8,11 @@ import yaml
 from stages import evaluate, prepare, pretrain, report, train
 from tactic.config import parse_params
 from tactic.grid import task_runs
-from tests.conftest import TINY, repo_params
+from tactic.data import fixtures
+from tests.conftest import FMNIST_ROOT, TINY, repo_params
 from tests.test_datasets import CLASSIFICATION
+
+SEGMENTATION = {"model": {"codec": {"N": 8, "M": 4}, "task": {"task": "segmentation", "arch": "small-fcn", "width": 8}}}
 
 
 def run_grid(params_file, work):
@@ -47,3 +50,24 @@ def test_smoke_grid_on_each_dataset_layout(dataset, tmp_path):
         if r["mode"] in ("agnostic", "aware"):
             assert 0 < r["bpp"] < 24 and r["bpp_estimated"] > 0
     assert (tmp_path / "results/rate_accuracy.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["fashion-mnist-canvases", "cityscapes"])
+def test_segmentation_grid_on_the_embedded_canvases_and_cityscapes_layout(dataset, tmp_path):
+    if dataset == "cityscapes":
+        root = fixtures.cityscapes(tmp_path / "raw", per_split={"train": {"aachen": 6, "bremen": 6}, "val": {"lindau": 4}})
+        prepare_params = {"root": str(root), "size": 32, "train_size": None, "val_size": None, "test_size": None}
+    else:
+        prepare_params = {"root": FMNIST_ROOT, "train_size": 120, "val_size": 40, "test_size": 40}
+    params = repo_params({**TINY, **SEGMENTATION, "prepare": {"dataset": dataset, **prepare_params}})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    p, rows = run_grid(params_file, tmp_path)
+    assert {(r["mode"], r["beta"], r["quality"]) for r in rows} == {(r.mode, r.beta, r.quality) for r in task_runs(p)}
+    for r in rows:
+        assert 0 <= r["miou"] <= 1 and 0 <= r["accuracy"] <= 1
+        assert len(r["iou"]) == (11 if dataset != "cityscapes" else 19) and "top5" not in r
+    summary = json.loads((tmp_path / "results/summary.json").read_text())
+    assert "uncompressed_miou" in summary and "bd_miou_aware_vs_jpeg" in summary
+    assert "| mIoU % |" in (tmp_path / "results/table.md").read_text()

@@ -11,7 +11,7 @@ import mlflow
 import pytest
 import yaml
 
-from pipeline.flow import resolve_params, write_params
+from tactic.profiles import resolve_params, write_params
 from pipeline.stages import StageFailed, run_dvc_stage, stage_graph
 from tactic.config import ParamsError, parse_params
 from tests.conftest import REPO, TINY, repo_params
@@ -24,9 +24,9 @@ def test_overrides_are_validated_before_anything_runs():
     assert p.seeds == [3, 4] and p.train.alpha == 0.5 and p.prepare.train_size == 300
     with pytest.raises(ParamsError, match="train.alpah: unknown key"):
         resolve_params(REPO, params={"train": {"alpah": 0.5}})
-    with pytest.raises(ParamsError, match=r"betas.0: Input should be greater than 0"):
+    with pytest.raises(ParamsError, match=r"betas.0: Input should be greater than or equal to 0"):
         resolve_params(REPO, betas=[-1.0])
-    with pytest.raises(ParamsError, match=r"profile: unknown 'fast'; one of \['default', 'smoke'\]"):
+    with pytest.raises(ParamsError, match=r"profile: unknown 'fast'; one of \['cityscapes-paper', 'default', 'segmentation', 'smoke'\]"):
         resolve_params(REPO, profile="fast")
 
 

@@ -37,7 +37,8 @@ def batches(
         images = split.images[idx]
         if transform is not None:
             images = transform(images)
-        yield to_float(images, device), torch.as_tensor(split.labels[idx]).to(device)
+        # Masks are stored as uint8; losses and metrics index with int64.
+        yield to_float(images, device), torch.from_numpy(split.labels[idx].astype(np.int64)).to(device, non_blocking=True)
 
 
 def num_batches(split: Split, batch_size: int, limit_batches: Optional[int] = None) -> int:

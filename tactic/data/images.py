@@ -73,10 +73,12 @@ def load_mask(path: Path, size: Optional[int], lut: Optional[np.ndarray]) -> np.
 
 
 def load_pair(item, size: Optional[int], channels: int, target, lut: Optional[np.ndarray]):
-    """Worker entry point: (image, target) where target is the class index or the decoded mask."""
+    """Worker entry point: (image, target) where target is the class index or the mask (a file or an array)."""
     image = load_image(item, size, channels)
-    if isinstance(image, Bad) or not isinstance(target, Path):
+    if isinstance(image, Bad) or not isinstance(target, (Path, np.ndarray)):
         return image, target
+    if isinstance(target, np.ndarray):  # a mask made in memory (the embedded canvases)
+        return image, np.asarray(fit(Image.fromarray(target), size, Image.NEAREST))
     mask = load_mask(target, size, lut)
     if not isinstance(mask, Bad) and mask.shape != image.shape[:2]:
         return Bad(str(target), f"label mask is {mask.shape[1]}x{mask.shape[0]}, its image {image.shape[1]}x{image.shape[0]}"), None

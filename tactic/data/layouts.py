@@ -14,6 +14,7 @@ work, naming the dataset, the layout expected and the first path that does not m
     imagenet-50   n<8 digits>/<wnid>_<n>.JPEG  (ILSVRC2012 train); first 50 WNIDs sorted   50
     cityscapes    leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png and                19
                   gtFine/{train,val}/<city>/<name>_gtFine_labelIds.png
+    fashion-mnist-canvases  as fashion-mnist: the embedded segmentation set built from it    11
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ IGNORE = 255
 
 LAYOUTS = {
     "fashion-mnist": fashion_mnist.LAYOUT,
+    "fashion-mnist-canvases": fashion_mnist.LAYOUT,
     "minc-2500": "<root>/{categories.txt, images/<class>/<class>_NNNNNN.jpg, labels/{train,validate,test}{1..5}.txt}",
     "resisc-45": "<root>/<class>/<class>_NNN.jpg (45 class folders, the NWPU-RESISC45 folder as root)",
     "rsscn7": f"<root>/{{{','.join(RSSCN7_CLASSES)}}}/<image>.jpg",
@@ -145,6 +147,34 @@ def fashion_mnist_index(cfg) -> Index:
                  {"train": list(range(n_train)), "test": list(range(n_train, len(keep)))}, channels=1)
 
 
+def canvases_index(cfg) -> Index:
+    """The embedded segmentation set: canvases of Fashion-MNIST items (see `tactic.data.canvases`).
+
+    Train and validation canvases come from disjoint parts of the official training items, test
+    canvases from the test items, each with its own seed, so no item appears in two splits. A split
+    size is its number of canvases (null: a third of its items, ~3 items per canvas)."""
+    from tactic.data.canvases import canvas_classes, make_canvases
+    from tactic.data.prepared import stratified_split
+
+    images, labels = fashion_mnist.load(cfg.root, "train")
+    test_images, test_labels = fashion_mnist.load(cfg.root, "test")
+    classes = _take("fashion-mnist-canvases", fashion_mnist.CLASSES, 10, cfg.classes)
+    n_val = round(cfg.val_fraction * len(labels))
+    train_items, val_items = stratified_split(labels, [len(labels) - n_val, n_val], cfg.split_seed)
+    out, official = ([], []), {}
+    for k, (name, imgs, labs, cap) in enumerate((("train", images[train_items], labels[train_items], cfg.train_size),
+                                                 ("val", images[val_items], labels[val_items], cfg.val_size),
+                                                 ("test", test_images, test_labels, cfg.test_size))):
+        keep = labs < len(classes)
+        canvases, masks = make_canvases(imgs[keep], labs[keep], cap or int(keep.sum()) // 3, size=cfg.canvas_size,
+                                        items=tuple(cfg.canvas_items), seed=1000 * cfg.split_seed + k)
+        official[name] = list(range(len(out[0]), len(out[0]) + len(canvases)))
+        out[0].extend(canvases)
+        out[1].extend(masks)
+    return Index("fashion-mnist-canvases", canvas_classes(classes), out[0], out[1], official, task="segmentation",
+                 channels=1, extra={"ignore_index": IGNORE, "canvas_size": cfg.canvas_size, "canvas_items": list(cfg.canvas_items)})
+
+
 def minc_index(cfg) -> Index:
     root = _root("minc-2500", cfg.root)
     cats = root / "categories.txt"
@@ -240,7 +270,8 @@ def cityscapes_index(cfg) -> Index:
 
 
 INDEXERS = {"fashion-mnist": fashion_mnist_index, "minc-2500": minc_index, "resisc-45": resisc_index,
-            "rsscn7": rsscn7_index, "imagenet-50": imagenet_index, "cityscapes": cityscapes_index}
+            "rsscn7": rsscn7_index, "imagenet-50": imagenet_index, "cityscapes": cityscapes_index,
+            "fashion-mnist-canvases": canvases_index}
 
 
 def index(cfg) -> Index:

@@ -11,7 +11,6 @@ optional local state dict; a head with another class count (torchvision's COCO/V
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
