@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from tactic.config import Params
-from tactic.grid import CODEC_MODES, pretrain_runs, task_runs
+from tactic.grid import pretrain_runs, task_runs
 
 LOCK_MESSAGE = "Unable to acquire lock"
 
@@ -29,7 +29,7 @@ def stage_graph(p: Params) -> dict[str, list[str]]:
         graph[r.stage] = ["prepare"]
     runs = task_runs(p)
     for r in runs:
-        graph[r.stage] = ["prepare"] + ([r.codec_run.stage] if r.mode in CODEC_MODES else [])
+        graph[r.stage] = ["prepare"] + ([r.codec_run.stage] if r.codec_run else [])
     graph["evaluate"] = [r.stage for r in runs]
     graph["report"] = ["evaluate"]
     return graph

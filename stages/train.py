@@ -4,13 +4,15 @@
     python -m stages.train jpeg --quality 10 --seed 0
     python -m stages.train agnostic --beta 0.004 --seed 0    # needs pretrain@0.004-0
     python -m stages.train aware --beta 0.004 --seed 0       # needs pretrain@0.004-0
+    python -m stages.train latent-frozen --quality 4 --seed 0  # needs pretrain_hyperprior@4-0 (also
+                                                               # latent-joint, pixel-decoded)
 """
 import argparse
 from pathlib import Path
 
 from stages import cli
 from tactic.experiment import train_task
-from tactic.grid import MODES, Run
+from tactic.grid import CODEC_MODES, LATENT_MODES, MODES, Run
 
 
 def main(argv=None):
@@ -22,8 +24,8 @@ def main(argv=None):
     ap.add_argument("--data", type=Path, default=Path("data/prepared"))
     ap.add_argument("--models", type=Path, default=Path("models"))
     args, p = cli.parse(ap, argv)
-    if (args.mode in ("agnostic", "aware")) != (args.beta is not None) or (args.mode == "jpeg") != (args.quality is not None):
-        ap.error("--beta goes with agnostic/aware, --quality with jpeg, and each of those needs its own")
+    if (args.mode in CODEC_MODES) != (args.beta is not None) or (args.mode in ("jpeg", *LATENT_MODES)) != (args.quality is not None):
+        ap.error("--beta goes with agnostic/aware, --quality with jpeg and the latent modes, and each of those needs its own")
     run = Run(args.mode, args.seed, beta=args.beta, quality=args.quality)
     last = train_task(p, run, args.data, args.models)
     print(f"{run.key}: val accuracy {last['val_accuracy']:.4f}")

@@ -102,8 +102,36 @@ class JpegParams(_Block):
     @classmethod
     def _in_range(cls, v):
         bad = [q for q in v if not 1 <= q <= 95]
-        if bad or not v:
-            raise ValueError(f"qualities must be a non-empty list of Pillow qualities in 1..95, got {v}")
+        if bad or len(set(v)) != len(v):
+            raise ValueError(f"qualities must be a list of distinct Pillow qualities in 1..95 (empty: no jpeg mode), got {v}")
+        return v
+
+
+class LatentTrainParams(OptimParams):
+    lr: PositiveFloat = 1e-3
+    codec_lr: PositiveFloat = 1e-4  # latent-joint: the codec is fine-tuned from its rate-distortion start
+    aux_lr: PositiveFloat = 1e-3
+    # latent-joint: L = alpha * CE + lmbda * MSE (on [0, 1] pixels) + beta * bpp
+    alpha: float = Field(1.0, ge=0)
+    lmbda: float = Field(0.0, ge=0)
+    beta: float = Field(0.0, ge=0)
+
+
+class LatentParams(_Block):
+    """Compressed-domain learning: bmshj2018 scale-hyperprior latents into cResNet-39."""
+    qualities: list[int] = []  # CompressAI qualities 1..8; empty: these modes are off
+    N: Optional[PositiveInt] = None  # override the quality's (N, M), e.g. for small images; lambda still follows the quality
+    M: Optional[PositiveInt] = None
+    checkpoint: Optional[str] = None  # start pre-training from a CompressAI checkpoint; `{quality}` is filled in
+    weights: Optional[str] = None  # optional local ResNet-50 state dict for cResNet-39 and pixel-decoded
+    pretrain: PretrainParams = PretrainParams(lr=1e-4)
+    train: LatentTrainParams = LatentTrainParams()
+
+    @field_validator("qualities")
+    @classmethod
+    def _known(cls, v):
+        if any(not 1 <= q <= 8 for q in v) or len(set(v)) != len(v):
+            raise ValueError(f"qualities must be distinct CompressAI qualities in 1..8, got {v}")
         return v
 
 
@@ -126,6 +154,7 @@ class Params(_Block):
     pretrain: PretrainParams = PretrainParams()
     train: TrainParams = TrainParams()
     jpeg: JpegParams = JpegParams()
+    latent: LatentParams = LatentParams()
     evaluate: EvaluateParams = EvaluateParams()
     report: ReportParams = ReportParams()
 
@@ -151,9 +180,10 @@ class Params(_Block):
 
     @field_validator("seeds", "betas")
     @classmethod
-    def _non_empty_unique(cls, v):
-        if not v or len(set(v)) != len(v):
-            raise ValueError(f"must be a non-empty list without repeats, got {v}")
+    def _unique(cls, v, info):
+        if len(set(v)) != len(v) or (info.field_name == "seeds" and not v):
+            raise ValueError(f"must be a {'non-empty ' if info.field_name == 'seeds' else ''}list without repeats "
+                             f"(empty betas: no agnostic/aware modes), got {v}")
         return v
 
 

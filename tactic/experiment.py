@@ -7,15 +7,17 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 from tactic import jpeg, tracking
 from tactic.config import Params
-from tactic.data.prepared import load_split, read_meta
+from tactic.data import batches
+from tactic.data.prepared import Split, load_split, read_meta
 from tactic.evaluate import evaluate_system
-from tactic.grid import Run
+from tactic.grid import LATENT_MODES, Run
 from tactic.losses import TacticLoss
 from tactic.system import (System, build_codec, build_task, build_task_loss, load_codec, load_system, resolve_device,
                            save_system)
@@ -27,28 +29,35 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
+def _codec_name(codec) -> str:
+    return "none" if codec is None else ("bmshj2018-hyperprior" if "quality" in codec.config else "tactic")
+
+
 def _train(p: Params, run: Run, system: System, loss_fn: TacticLoss, optim, cfg, data: Path, models: Path,
-           run_params: dict, transform=None) -> dict:
-    """Fit `system` for `run` with checkpoints and MLflow logging; save it to `models/<run.key>/model.pt`."""
+           run_params: dict, transform=None, splits=None, save: Optional[System] = None) -> dict:
+    """Fit `system` for `run` with checkpoints and MLflow logging; save it (or `save`, the system as
+    evaluated, when training ran on cached codes) to `models/<run.key>/model.pt`. `splits` replaces
+    the prepared (train, val) splits: a callable, so cached codes are made inside the MLflow run."""
     device = next(system.parameters()).device
-    train, val = load_split(data, "train"), load_split(data, "val")
     manifest = (data / "manifest.json").read_text()
     config_id = fingerprint(run.key, p.model.model_dump(), cfg.model_dump(), run_params, manifest)
     # Beside, not inside, the models folder: DVC deletes a stage's outputs before it re-runs it.
     ckpt_path = models.parent / ".checkpoints" / run.key / "last.pt"
     state = load_checkpoint(ckpt_path, config_id)
     run_id = state.get("mlflow_run_id") if state else None
+    saved = save or system
     params = {"mode": run.mode, "seed": run.seed, "beta": run.beta, "quality": run.quality, "dataset": p.prepare.dataset,
-              "codec": "tactic" if system.codec is not None else ("jpeg" if run.mode == "jpeg" else "none"),
+              "codec": "jpeg" if run.mode == "jpeg" else _codec_name(saved.codec),
               "task": p.model.task.task, "task_net": p.model.task.arch, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
               "lmbda_d": loss_fn.lmbda_d, "alpha": loss_fn.alpha, "beta_loss": loss_fn.beta, **run_params}
     with tracking.start_run(run.key, run.stage, params, run_id=run_id) as mlrun:
         t0 = time.perf_counter()
+        train, val = splits() if splits else (load_split(data, "train"), load_split(data, "val"))
         history = fit(system, loss_fn, optim, train, val, cfg, run.seed, device, ckpt_path, config_id,
                       log=tracking.log_metrics, transform=transform, state=state,
                       extra={"mlflow_run_id": mlrun.info.run_id})
         tracking.log_metrics({"train_seconds": time.perf_counter() - t0})
-        save_system(models / run.key / "model.pt", system, run.key, {"history": history, "mlflow_run_id": mlrun.info.run_id})
+        save_system(models / run.key / "model.pt", saved, run.key, {"history": history, "mlflow_run_id": mlrun.info.run_id})
     ckpt_path.unlink(missing_ok=True)
     return history[-1]
 
@@ -63,8 +72,95 @@ def pretrain_codec(p: Params, run: Run, data: Path, models: Path) -> dict:
     return _train(p, run, system, TacticLoss(1.0, 0.0, run.beta), optim, p.pretrain, data, models, {})
 
 
+def pretrain_hyperprior(p: Params, run: Run, data: Path, models: Path) -> dict:
+    """bmshj2018 rate-distortion training at `run.quality`: L = lambda * 255^2 * MSE + bpp, CompressAI's
+    loss and lambda; from scratch, or from the CompressAI checkpoint `latent.checkpoint` names."""
+    from tactic.models.hyperprior import LMBDA, Hyperprior, load_hyperprior
+
+    _seed_everything(run.seed)
+    device = resolve_device(p)
+    meta = read_meta(data)
+    h, w = meta["size"]
+    if h % Hyperprior.downsampling or w % Hyperprior.downsampling:
+        raise ValueError(f"prepare.size: the hyperprior needs images a multiple of {Hyperprior.downsampling} pixels "
+                         f"(its latent is 1/16, its hyper-latent 1/64 of the image), the prepared ones are {h}x{w}")
+    q, lat = run.quality, p.latent
+    if lat.checkpoint:
+        codec = load_hyperprior(lat.checkpoint.format(quality=q), q, meta["channels"], lat.N, lat.M)
+    else:
+        codec = Hyperprior(q, meta["channels"], lat.N, lat.M)
+    system = System(codec=codec).to(device)
+    optim = make_optimizers(system, lat.pretrain.lr, aux_lr=lat.pretrain.aux_lr)
+    loss = TacticLoss(lmbda_d=LMBDA[q] * 255**2, alpha=0.0, beta=1.0)
+    return _train(p, run, system, loss, optim, lat.pretrain, data, models,
+                  {"lmbda": LMBDA[q], "N": codec.N, "M": codec.M, "codec_checkpoint": lat.checkpoint})
+
+
+def _coded_splits(codec, data: Path, what: str, batch_size: int, device, cache: Path):
+    """(train, val) as a frozen-codec mode trains on them: every image entropy coded once to its own
+    bitstream and decoded back, to latents (y_hat | sigma_hat, float32) or to 8-bit pixels, streamed
+    into .npy caches beside the checkpoints (memory-mapped, so any dataset size fits)."""
+    from tactic.models.hyperprior import decode_latents, decode_pixels, encode
+
+    out = []
+    for name in ("train", "val"):
+        split = load_split(data, name)
+        path = cache / f"{what}-{name}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arr, start = None, 0
+        for x, _ in batches(split, batch_size, device):
+            packed = encode(codec, x)
+            names = [f"{name} image {start + i}" for i in range(len(x))]
+            if what == "latents":
+                dec = decode_latents(codec, packed["streams"], packed["shape"], names)
+                rows = torch.cat([dec["y_hat"], dec["sigma_hat"]], 1).float()
+            else:  # the decoder's output as an 8-bit image, as a decoded file would be
+                rows = (decode_pixels(codec, packed["streams"], packed["shape"], names)["x_hat"] * 255).round().byte()
+            rows = rows.permute(0, 2, 3, 1).cpu().numpy()
+            if arr is None:
+                arr = np.lib.format.open_memmap(path, "w+", rows.dtype, (len(split), *rows.shape[1:]))
+            arr[start:start + len(x)] = rows
+            start += len(x)
+        arr.flush()
+        out.append(Split(np.load(path, mmap_mode="r"), np.asarray(split.labels)))
+    return tuple(out)
+
+
+def train_latent(p: Params, run: Run, data: Path, models: Path) -> dict:
+    """The compressed-domain modes on the pre-trained hyperprior of `run.quality`:
+    - latent-frozen: codec fixed; cResNet-39 trained on latents decoded from real bitstreams;
+    - latent-joint: codec and cResNet-39 trained together, L = alpha * CE + lmbda * MSE + beta * bpp;
+    - pixel-decoded: codec fixed; ResNet-50 trained on pixels decoded from real bitstreams."""
+    _seed_everything(run.seed)
+    device = resolve_device(p)
+    meta = read_meta(data)
+    codec = load_codec(models / run.codec_run.key / "model.pt", device)[0]
+    cfg = p.latent.train
+    task = build_task(p, meta, run.mode, codec.M)
+    run_params = {"codec_init": run.codec_run.key, "N": codec.N, "M": codec.M, "task_net": type(task).__name__}
+    if run.mode == "latent-joint":
+        system = System(codec, task, latent=True, decode=cfg.lmbda > 0).to(device)
+        loss_fn = TacticLoss(lmbda_d=cfg.lmbda, alpha=cfg.alpha, beta=cfg.beta)
+        optim = make_optimizers(system, cfg.lr, codec_lr=cfg.codec_lr, aux_lr=cfg.aux_lr)
+        return _train(p, run, system, loss_fn, optim, cfg, data, models, run_params)
+    codec.eval()
+    what = "pixels" if run.mode == "pixel-decoded" else "latents"
+    cache = models.parent / ".checkpoints" / run.key
+    system = System(None, task).to(device)  # trains on the cached decoded codes
+    evaluated = System(codec, task, codec_frozen=True, latent=what == "latents")
+    optim = make_optimizers(system, cfg.lr)
+    loss_fn = TacticLoss(lmbda_d=0.0, alpha=1.0, beta=0.0)
+    splits = functools.partial(_coded_splits, codec, data, what, p.evaluate.batch_size, device, cache)
+    last = _train(p, run, system, loss_fn, optim, cfg, data, models, run_params, splits=splits, save=evaluated)
+    for f in cache.glob(f"{what}-*.npy"):
+        f.unlink()
+    return last
+
+
 def train_task(p: Params, run: Run, data: Path, models: Path) -> dict:
-    """Train the task network in one of the four modes (see grid.MODES)."""
+    """Train the task network in one of the modes (see grid.MODES)."""
+    if run.mode in LATENT_MODES:
+        return train_latent(p, run, data, models)
     _seed_everything(run.seed)
     device = resolve_device(p)
     meta = read_meta(data)
@@ -97,7 +193,7 @@ def evaluate_run(p: Params, run: Run, data: Path, models: Path, device) -> dict:
     path = models / run.key / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run its stage first (`dvc repro {run.stage}`)")
-    system, state = load_system(path, p, meta, device)
+    system, state = load_system(path, p, meta, device, run.mode)
     row = evaluate_system(system, run, load_split(data, "test"), p.evaluate.batch_size, device, p.evaluate.limit,
                           meta.get("ignore_index", 255))
     row["mlflow_run_id"] = state.get("mlflow_run_id")

@@ -37,10 +37,12 @@ class TacticLoss(torch.nn.Module):
 
     def forward(self, out: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
         parts, loss = {}, x.new_zeros(())
-        if "x_hat" in out:
-            parts["mse_loss"] = F.mse_loss(out["x_hat"], x)
+        if "likelihoods" in out:
             parts["bpp_loss"] = bpp(out["likelihoods"], x.shape[0] * x.shape[2] * x.shape[3])
-            loss = loss + self.lmbda_d * parts["mse_loss"] + self.beta * parts["bpp_loss"]
+            loss = loss + self.beta * parts["bpp_loss"]
+        if "x_hat" in out:  # absent when a compressed-domain system skips the pixel decoder
+            parts["mse_loss"] = F.mse_loss(out["x_hat"], x)
+            loss = loss + self.lmbda_d * parts["mse_loss"]
         if "logits" in out:
             task = self.task_loss(out["logits"], y)
             if isinstance(task, dict):

@@ -119,7 +119,8 @@ def plot(points: list[dict], path: Path, title: str) -> None:
 
     panels = [("accuracy", "pixel accuracy (%)"), ("miou", "mean IoU (%)")] if _segmentation(points) else [("accuracy", "top-1 accuracy (%)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), dpi=120, squeeze=False)
-    styles = {"jpeg": ("tab:gray", "s"), "agnostic": ("tab:blue", "o"), "aware": ("tab:red", "^")}
+    styles = {"jpeg": ("tab:gray", "s"), "agnostic": ("tab:blue", "o"), "aware": ("tab:red", "^"),
+              "latent-frozen": ("tab:green", "D"), "latent-joint": ("tab:purple", "v"), "pixel-decoded": ("tab:orange", "P")}
     for ax, (field, ylabel) in zip(axes[0], panels):
         for mode, (color, marker) in styles.items():
             ps = sorted((p for p in points if p["mode"] == mode and field in p), key=lambda p: p["bpp"])

@@ -21,17 +21,31 @@ def resolve_device(p: Params) -> torch.device:
     return torch.device("cuda" if p.device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+class LatentHead(nn.Module):
+    """cResNet-39 on (y_hat, sigma_hat) stacked as one (N, 2M, h, w) tensor: the form in which the
+    frozen compressed-domain mode caches the latents it decoded from bitstreams."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.M = net, net.M
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z[:, :self.M], z[:, self.M:])
+
+
 class System(nn.Module):
-    """x -> [codec] -> x_hat -> [task] -> logits.
+    """x -> [codec] -> x_hat -> [task] -> logits, or with `latent`, x -> codec -> (y_hat, sigma_hat) -> task.
 
     With `codec_frozen`, the codec stays in eval mode (rounding, no noise) and gets no gradients:
-    the task-agnostic setting. Mixed precision (bf16 on CUDA) covers the task network only: the
+    the task-agnostic setting. A `latent` system runs the pixel decoder only when `decode` (its MSE
+    is weighted in the loss). Mixed precision (bf16 on CUDA) covers the task network only: the
     entropy model's likelihoods need float32.
     """
 
-    def __init__(self, codec: Optional[nn.Module] = None, task: Optional[nn.Module] = None, codec_frozen: bool = False):
+    def __init__(self, codec: Optional[nn.Module] = None, task: Optional[nn.Module] = None, codec_frozen: bool = False,
+                 latent: bool = False, decode: bool = True):
         super().__init__()
-        self.codec, self.task, self.codec_frozen = codec, task, codec_frozen
+        self.codec, self.task, self.codec_frozen, self.latent, self.decode = codec, task, codec_frozen, latent, decode
         if codec is not None and codec_frozen:
             codec.requires_grad_(False)
 
@@ -45,8 +59,8 @@ class System(nn.Module):
         out = {}
         if self.codec is not None:
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.codec_frozen):
-                out.update(self.codec(x))
-            x = out["x_hat"]
+                out.update(self.codec(x, decode=self.decode) if self.latent else self.codec(x))
+            x = torch.cat([out["y_hat"], out["sigma_hat"]], 1) if self.latent else out["x_hat"]
         if self.task is not None:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
                 out["logits"] = self.task(x).float()
@@ -59,8 +73,26 @@ def build_codec(p: Params, in_channels: int):
     return TacticCodec(in_channels, p.model.codec.N, p.model.codec.M)
 
 
-def build_task(p: Params, meta: dict) -> nn.Module:
+def codec_from_config(config: dict):
+    """The codec a saved config describes: the bmshj2018 hyperprior (it has a quality) or TACTIC's."""
+    if "quality" in config:
+        from tactic.models.hyperprior import Hyperprior
+
+        return Hyperprior(**config)
+    from tactic.models.codec import TacticCodec
+
+    return TacticCodec(**config)
+
+
+def build_task(p: Params, meta: dict, mode: Optional[str] = None, latent_channels: Optional[int] = None) -> nn.Module:
+    """The task network of `mode`: cResNet-39 on latents, ResNet-50 on decoded pixels, else model.task."""
     t = p.model.task
+    if mode in ("latent-frozen", "latent-joint"):
+        from tactic.models.cresnet import CResNet39
+
+        return LatentHead(CResNet39(latent_channels, len(meta["classes"]), weights=p.latent.weights))
+    if mode == "pixel-decoded":
+        return build_classifier("resnet50", meta["channels"], len(meta["classes"]), weights=p.latent.weights)
     if t.task == "segmentation":
         from tactic.models.segmenters import build_segmenter
 
@@ -94,21 +126,22 @@ def save_system(path: Path | str, system: System, run_key: str, extra: dict | No
 
 
 def load_codec(path: Path | str, device="cpu"):
-    from tactic.models.codec import TacticCodec
-
     state = torch.load(path, map_location="cpu", weights_only=False)
     if not state.get("codec"):
         raise ValueError(f"{path}: holds no codec")
-    codec = TacticCodec(**state["codec"]["config"])
+    codec = codec_from_config(state["codec"]["config"])
     codec.load_state_dict(state["codec"]["state"])
+    if "quality" in state["codec"]["config"]:
+        codec.update(force=True)  # rebuild the coder tables from the loaded weights, as before any bitstream
     return codec.to(device), state
 
 
-def load_system(path: Path | str, p: Params, meta: dict, device="cpu") -> tuple[System, dict]:
+def load_system(path: Path | str, p: Params, meta: dict, device="cpu", mode: Optional[str] = None) -> tuple[System, dict]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     codec = load_codec(path, device)[0] if state.get("codec") else None
     task = None
     if state.get("task") is not None:
-        task = build_task(p, meta)
+        task = build_task(p, meta, mode, getattr(codec, "M", None))
         task.load_state_dict(state["task"])
-    return System(codec, task).to(device).eval(), state
+    latent = mode in ("latent-frozen", "latent-joint")
+    return System(codec, task, latent=latent).to(device).eval(), state

@@ -5,9 +5,9 @@ import json
 import pytest
 import yaml
 
-from stages import evaluate, prepare, pretrain, report, train
+from stages import evaluate, prepare, pretrain, pretrain_hyperprior, report, train
 from tactic.config import parse_params
-from tactic.grid import task_runs
+from tactic.grid import pretrain_runs, task_runs
 from tactic.data import fixtures
 from tests.conftest import FMNIST_ROOT, TINY, repo_params
 from tests.test_datasets import CLASSIFICATION
@@ -21,9 +21,9 @@ def run_grid(params_file, work):
     common = ["--params", str(params_file)]
     data, models, results = work / "data/prepared", work / "models", work / "results"
     prepare.main([*common, "--out", str(data)])
-    for beta in p.betas:
-        for seed in p.seeds:
-            pretrain.main([*common, "--beta", str(beta), "--seed", str(seed), "--data", str(data), "--models", str(models)])
+    for run in pretrain_runs(p):
+        stage, point = (pretrain, ["--beta", repr(run.beta)]) if run.mode == "pretrain" else (pretrain_hyperprior, ["--quality", str(run.quality)])
+        stage.main([*common, *point, "--seed", str(run.seed), "--data", str(data), "--models", str(models)])
     for run in task_runs(p):
         point = ["--beta", repr(run.beta)] if run.beta is not None else ["--quality", str(run.quality)] if run.quality else []
         train.main([*common, run.mode, "--seed", str(run.seed), *point, "--data", str(data), "--models", str(models)])
@@ -71,3 +71,29 @@ def test_segmentation_grid_on_the_embedded_canvases_and_cityscapes_layout(datase
     summary = json.loads((tmp_path / "results/summary.json").read_text())
     assert "uncompressed_miou" in summary and "bd_miou_aware_vs_jpeg" in summary
     assert "| mIoU % |" in (tmp_path / "results/table.md").read_text()
+
+
+LATENT = {"betas": [], "jpeg": {"qualities": []}, "model": {"task": {"arch": "resnet18"}},
+          "prepare": {"size": 64, "train_size": 60, "val_size": 20, "test_size": 20},
+          "latent": {"qualities": [1, 8], "N": 8, "M": 12, "pretrain": {"epochs": 1, "batch_size": 20},
+                     "train": {"epochs": 1, "batch_size": 20, "lmbda": 0.01, "beta": 0.001}}}
+
+
+@pytest.mark.slow
+def test_compressed_domain_grid(tmp_path):
+    params = repo_params({**TINY, **LATENT, "prepare": {**TINY["prepare"], **LATENT["prepare"]}})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    p, rows = run_grid(params_file, tmp_path)
+    modes = {(r["mode"], r["quality"]) for r in rows}
+    assert modes == {(m, q) for m in ("latent-frozen", "latent-joint", "pixel-decoded") for q in (1, 8)} | {("uncompressed", None)}
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and r["num_images"] == 20
+        if r["mode"] != "uncompressed":
+            # real streams (framing included) vs the entropy model's estimate; PSNR of the codec
+            assert r["bpp"] > r["bpp_estimated"] > 0 and r["psnr"] > 5
+    frozen = {r["quality"]: r["bpp"] for r in rows if r["mode"] == "latent-frozen"}
+    decoded = {r["quality"]: r["bpp"] for r in rows if r["mode"] == "pixel-decoded"}
+    assert frozen == decoded  # the same codec and streams: the same rate
+    assert not list((tmp_path / ".checkpoints").rglob("*.npy"))  # the decoded-code caches are removed
+    assert "latent-frozen" in (tmp_path / "results/table.md").read_text()

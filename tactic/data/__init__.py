@@ -10,10 +10,12 @@ from tactic.data.prepared import Split
 
 
 def to_float(images: np.ndarray | torch.Tensor, device) -> torch.Tensor:
-    """(N, H, W, C) uint8 -> (N, C, H, W) float in [0, 1] on `device`."""
+    """(N, H, W, C) uint8 -> (N, C, H, W) float in [0, 1] on `device` (float input: not rescaled)."""
     # A copy: memory-mapped splits are read-only, and the uint8 batch is cheap next to the float one.
     t = torch.from_numpy(np.array(images)) if not isinstance(images, torch.Tensor) else images
-    return t.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    t = t.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    # uint8 pixels to [0, 1]; float arrays (latents cached by a compressed-domain mode) as they are.
+    return t.float().div_(255) if t.dtype == torch.uint8 else t.float()
 
 
 def batches(
