@@ -173,6 +173,8 @@ class Params(_Block):
         if seg != (self.model.task.task == "segmentation"):
             raise ValueError(f"model.task.task {self.model.task.task!r} does not fit prepare.dataset {self.prepare.dataset!r} "
                              f"(segmentation datasets: {list(SEGMENTATION_DATASETS)})")
+        if self.latent.qualities and self.model.task.task != "classification":
+            raise ValueError("latent.qualities: the compressed-domain modes classify; set it to [] for segmentation")
         weights = self.train.class_weights
         if weights is not None and self.model.task.task != "segmentation":
             raise ValueError("train.class_weights is for segmentation only")

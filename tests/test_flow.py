@@ -102,6 +102,15 @@ def _flow_run_id(output: str) -> str:
     raise AssertionError(f"no flow run id in:\n{output}")
 
 
+SEGMENTATION_RUN = {"betas": [0.004], "params": {
+    "jpeg": {"qualities": [5]}, "prepare": {"dataset": "fashion-mnist-canvases", "train_size": 60, "val_size": 20, "test_size": 20},
+    "model": {"task": {"task": "segmentation", "arch": "small-fcn", "width": 8}}}}
+LATENT_RUN = {"betas": [], "params": {
+    "jpeg": {"qualities": []}, "prepare": {"dataset": "fashion-mnist", "size": 64, "train_size": 60, "val_size": 20, "test_size": 20},
+    "model": {"task": {"task": "classification", "arch": "resnet18"}},
+    "latent": {"qualities": [1], "N": 8, "M": 12, "pretrain": {"epochs": 1, "batch_size": 20}, "train": {"epochs": 1, "batch_size": 20}}}}
+
+
 @pytest.mark.slow
 def test_deployment_end_to_end(tmp_path, fmnist_root):
     repo = _copy_repo(tmp_path / "repo", repo_params({}))
@@ -178,6 +187,17 @@ def test_deployment_end_to_end(tmp_path, fmnist_root):
         again_id = _flow_run_id(again.stdout)
         parent3 = mlflow.search_runs(experiment_names=["tactic"], filter_string=f"tags.prefect_flow_run_id = '{again_id}'").iloc[0]
         assert parent3["metrics.stages_ran"] == 0
+
+        # 6. The same deployment runs the segmentation task and the compressed-domain modes.
+        for extra, stage, metric in ((SEGMENTATION_RUN, "train_aware@0.004-0", "metrics.miou"),
+                                     (LATENT_RUN, "train_latent_frozen@1-0", "metrics.accuracy")):
+            done = _deployment_run(env, repo, "--params", json.dumps({"profile": "smoke", **extra}))
+            assert done.returncode == 0, done.stdout[-3000:] + (logs / "serve.log").read_text()[-5000:]
+            parent = mlflow.search_runs(experiment_names=["tactic"],
+                                        filter_string=f"tags.prefect_flow_run_id = '{_flow_run_id(done.stdout)}'").iloc[0]
+            kids = mlflow.search_runs(experiment_names=["tactic"], filter_string=f"tags.mlflow.parentRunId = '{parent['run_id']}'")
+            row = kids[kids["tags.dvc_stage"] == stage]
+            assert len(row) == 1 and 0 <= row.iloc[0][metric] <= 1 and row.iloc[0]["metrics.bpp"] > 0
     finally:
         for proc in (served, server):
             if proc is not None:

@@ -54,3 +54,14 @@ def test_write_report(tmp_path):
     assert res["name"] == "tactic-aware" and res["results"]["bpp"] == sorted(res["results"]["bpp"])
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert compressai_results(aggregate(_rows()), "jpeg", "x")["results"]["psnr-rgb"] == [20.0] * 3
+
+
+def test_segmentation_report_adds_miou(tmp_path):
+    rows = [dict(r, miou=r["accuracy"] - 0.3) for r in _rows()]
+    summary = write_report(rows, tmp_path, "seg", "fashion-mnist-canvases")
+    table = (tmp_path / "table.md").read_text()
+    assert "| pixel acc. % | mIoU % |" in table and "top-1" not in table
+    assert "| aware | beta=0.004 | 2 | 76.00 ± 1.41 | 46.00 ± 1.41 |" in table
+    assert summary["bd_miou_aware_vs_agnostic"] == pytest.approx(10.0)  # the same curves, shifted
+    assert summary["uncompressed_miou"] == pytest.approx(0.61)
+    assert "miou" in json.loads((tmp_path / "compressai" / "aware.json").read_text())["results"]
