@@ -1,9 +1,13 @@
 """What every stage entry point shares: the params file option, validation first, clear errors."""
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from tactic.config import DEFAULT_PARAMS, ParamsError, Params, load_params
+
+# CompressAI 1.2.8 scripts a helper at import time; torch 2.14 warns about it in every stage's log.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
 
 
 def parse(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, Params]:

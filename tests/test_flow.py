@@ -26,7 +26,7 @@ def test_overrides_are_validated_before_anything_runs():
         resolve_params(REPO, params={"train": {"alpah": 0.5}})
     with pytest.raises(ParamsError, match=r"betas.0: Input should be greater than or equal to 0"):
         resolve_params(REPO, betas=[-1.0])
-    with pytest.raises(ParamsError, match=r"profile: unknown 'fast'; one of \['cityscapes-paper', 'default', 'segmentation', 'smoke'\]"):
+    with pytest.raises(ParamsError, match=r"profile: unknown 'fast'; one of \[.*'default'.*'smoke'.*\]"):
         resolve_params(REPO, profile="fast")
 
 
