@@ -18,8 +18,10 @@ run: setup data dvc-init
 	@echo; cat results/table.md; echo "plot: $(CURDIR)/results/rate_accuracy.png"
 	@echo "browse runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
+# Two pytest workers: the end-to-end tests spend much of their time waiting on subprocesses and
+# servers, so the unit tests fit in beside them (conftest.py starts the long ones first).
 test: setup data
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 # Start a local Prefect server (if none answers) and serve the deployment tactic/full.
 serve: export PREFECT_API_URL ?= http://127.0.0.1:4200/api

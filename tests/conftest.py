@@ -10,13 +10,18 @@ from tactic.config import merged, parse_params
 from tactic.data import fashion_mnist
 
 REPO = Path(__file__).resolve().parent.parent
+
+# One torch thread in every stage process the tests start (params `threads: null` reads this): with two
+# pytest workers and two Dask workers on two cores, more threads oversubscribe the cores, and OpenMP's
+# spinning threads then slow every process down several times over.
+os.environ.setdefault("TACTIC_THREADS", "1")
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 
 # A profile small enough for unit tests: seconds per training run on 2 cores.
 TINY = {
     "seeds": [0],
     "betas": [0.004, 0.032],
-    "threads": 2,
+    "threads": 1,
     "prepare": {"train_size": 300, "val_size": 100, "test_size": 100},
     "model": {"codec": {"N": 8, "M": 4}, "task": {"width": 8}},
     "pretrain": {"epochs": 1, "batch_size": 50},
@@ -24,6 +29,33 @@ TINY = {
     "jpeg": {"qualities": [5, 50]},
     "evaluate": {"batch_size": 50},
 }
+
+
+# The two tests that run the pipeline through subprocesses, longest first.
+LONGEST = ("test_deployment_end_to_end", "test_dvc_repro_runs_the_grid_then_does_nothing")
+
+
+def pytest_collection_modifyitems(items):
+    """Order for `-n 2 --dist loadgroup`, which hands each worker two tests at a time (no test is in a group): the
+    two longest go one to each worker, the test queued behind the longest is a quick one, and the
+    other slow tests come before the quick ones so that none of them is left running alone at the end."""
+    def rank(item):
+        if item.name in LONGEST:
+            return LONGEST.index(item.name)
+        return 3 if item.get_closest_marker("slow") else 4
+
+    items.sort(key=rank)
+    quick = next((i for i, item in enumerate(items) if rank(item) == 4), None)
+    if quick is not None:
+        items.insert(2, items.pop(quick))
+
+
+def pytest_configure(config):
+    # Two workers on two cores: one torch thread each in-process (stage subprocesses set their own).
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def repo_params(overrides: dict) -> dict:

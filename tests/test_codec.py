@@ -76,3 +76,16 @@ def test_task_weights_load_from_a_local_file(tmp_path):
         build_classifier("small-cnn", 1, 10, 8, weights=str(tmp_path / "bad.pt"))
     net18 = build_classifier("resnet18", 3, 5)
     assert net18(torch.rand(1, 3, 64, 64)).shape == (1, 5)
+
+
+def test_codecs_load_without_compressais_point_cloud_stack():
+    """The stage processes skip torch_geometric (seconds each); the codecs must still work."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch; from tactic.models.codec import TacticCodec; from tactic.models.hyperprior import ARCH;"
+              "m = TacticCodec(1, 8, 4).eval(); m.update(force=True); x = torch.rand(1, 1, 16, 16);"
+              "o = m.compress(x); m.decompress(o['strings'], o['shape']);"
+              "print('torch_geometric' in sys.modules, 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"], out.stderr

@@ -33,10 +33,13 @@ def _stage(args, cwd, db_uri):
 
 @pytest.mark.slow
 def test_dvc_repro_runs_the_grid_then_does_nothing(tmp_path, fmnist_root, _mlflow_db):
-    repo = _copy_repo(tmp_path / "repo", repo_params(TINY))
+    # One operating point per mode (8 stages): each stage process costs ~10 s of imports and MLflow
+    # set-up, and the grid's width is covered in-process by tests/test_datasets_pipeline.py.
+    small = {**TINY, "betas": [0.004], "jpeg": {"qualities": [5]}}
+    repo = _copy_repo(tmp_path / "repo", repo_params(small))
     env = _env(_mlflow_db)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)  # .dvc/ came with the copy
-    p = parse_params(TINY)
+    p = parse_params(small)
     listed = subprocess.run([BIN / "dvc", "stage", "list", "--name-only"], cwd=repo, env=env, capture_output=True, text=True, check=True)
     expected = {r.stage for r in pretrain_runs(p) + task_runs(p)} | {"prepare", "evaluate", "report"}
     assert set(listed.stdout.split()) == expected  # tactic.grid names stages exactly as DVC does
@@ -49,7 +52,8 @@ def test_dvc_repro_runs_the_grid_then_does_nothing(tmp_path, fmnist_root, _mlflo
     assert {(r["mode"], r["beta"], r["quality"], r["seed"]) for r in rows} == {
         (r.mode, r.beta, r.quality, r.seed) for r in task_runs(p)}
     summary = json.loads((repo / "results/summary.json").read_text())
-    assert summary["num_runs"] == len(rows) and "bd_accuracy_aware_vs_agnostic" in summary
+    assert summary["num_runs"] == len(rows) == 4 and summary["bd_accuracy_aware_vs_agnostic"] is None
+    assert "at least two points" in summary["bd_accuracy_aware_vs_agnostic_note"]  # said, not crashed
     assert (repo / "results/rate_accuracy.png").stat().st_size > 10_000
     assert not list(repo.rglob(".*.tmp"))
 

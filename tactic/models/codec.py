@@ -22,6 +22,7 @@ Args:
 from __future__ import annotations
 
 import torch
+from tactic.models import _compressai  # noqa: F401  (before compressai: skips its point-cloud imports)
 from compressai.entropy_models import EntropyBottleneck
 from compressai.models import CompressionModel
 from torch import nn

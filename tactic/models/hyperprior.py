@@ -48,6 +48,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from tactic.models import _compressai  # noqa: F401  (before compressai: skips its point-cloud imports)
 from compressai.models import ScaleHyperprior
 from compressai.models.utils import conv, deconv, remap_old_keys
 from compressai.ops import compute_padding, quantize_ste
