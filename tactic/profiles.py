@@ -71,8 +71,11 @@ def write_params(path: Path, raw: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="tactic profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", help=f"one of {sorted(f.stem for f in PROFILES.glob('*.yaml'))}")
-    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    # Like dvc, the params.yaml of the directory it runs in: a second checkout sharing this
+    # installation must not rewrite the first one's.
+    ap.add_argument("--params", type=Path, help="default: ./params.yaml, else the installed checkout's")
     args = ap.parse_args(argv)
+    args.params = args.params or next(f for f in (Path("params.yaml"), ROOT / "params.yaml") if f.is_file() or f.parent == ROOT)
     try:
         raw = resolve_params(args.params.parent, args.name)
     except ParamsError as err:
