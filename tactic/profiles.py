@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     # installation must not rewrite the first one's.
     ap.add_argument("--params", type=Path, help="default: ./params.yaml, else the installed checkout's")
     args = ap.parse_args(argv)
-    args.params = args.params or next(f for f in (Path("params.yaml"), ROOT / "params.yaml") if f.is_file() or f.parent == ROOT)
+    if args.params is None:
+        args.params = Path("params.yaml") if Path("params.yaml").is_file() else ROOT / "params.yaml"
     try:
         raw = resolve_params(args.params.parent, args.name)
     except ParamsError as err:

@@ -36,8 +36,8 @@ LONGEST = ("test_deployment_end_to_end", "test_dvc_repro_runs_the_grid_then_does
 
 
 def pytest_collection_modifyitems(items):
-    """Order for `-n 2 --dist loadgroup`, which hands each worker two tests at a time (no test is in a group): the
-    two longest go one to each worker, the test queued behind the longest is a quick one, and the
+    """Order for `-n 2 --dist loadgroup`, which hands each worker two tests at a time (no test is in a
+    group): the two longest go one to each worker, the test queued behind the longest is a quick one, and the
     other slow tests come before the quick ones so that none of them is left running alone at the end."""
     def rank(item):
         if item.name in LONGEST:

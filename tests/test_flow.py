@@ -47,7 +47,6 @@ LATENT_RUN = {"betas": [], "params": {
     "latent": {"qualities": [1], "N": 8, "M": 12, "pretrain": {"epochs": 1, "batch_size": 20}, "train": {"epochs": 1, "batch_size": 20}}}}
 
 
-
 @pytest.mark.parametrize("extra", [{}, SEGMENTATION_RUN, LATENT_RUN], ids=["classification", "segmentation", "latent"])
 def test_stage_graph_matches_dvc_yaml(tmp_path, extra):
     """The flow runs exactly DVC's stages, each after what it needs, for every task and mode: with the
