@@ -175,6 +175,10 @@ class Params(_Block):
                              f"(segmentation datasets: {list(SEGMENTATION_DATASETS)})")
         if self.latent.qualities and self.model.task.task != "classification":
             raise ValueError("latent.qualities: the compressed-domain modes classify; set it to [] for segmentation")
+        # Checked here too (pretrain_hyperprior checks the prepared images): fail before `prepare` runs.
+        if self.latent.qualities and self.prepare.size and self.prepare.size % 64:
+            raise ValueError(f"prepare.size: the hyperprior (latent.qualities) needs a multiple of 64 pixels "
+                             f"(its latent is 1/16, its hyper-latent 1/64 of the image), got {self.prepare.size}")
         weights = self.train.class_weights
         if weights is not None and self.model.task.task != "segmentation":
             raise ValueError("train.class_weights is for segmentation only")
@@ -196,12 +200,11 @@ class ParamsError(ValueError):
 def format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        got = f" (got {e.get('input')!r})" if e["loc"] else ""  # at the root, the input is the whole file
-        lines.append(f"{source}: {key}: {msg.removeprefix('Value error, ')}{got}")
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        if e["loc"]:
+            lines.append(f"{source}: {'.'.join(str(p) for p in e['loc'])}: {msg} (got {e.get('input')!r})")
+        else:  # a check across keys: its message names them (the input would be the whole file)
+            lines.append(f"{source}: {msg}")
     return "\n".join(lines)
 
 

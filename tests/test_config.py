@@ -1,12 +1,20 @@
 import pytest
 
-from tactic.config import DEFAULT_PARAMS, ParamsError, load_params, parse_params
+from tactic.config import DEFAULT_PARAMS, ROOT, ParamsError, load_params, parse_params
+from tactic.profiles import PROFILES, resolve_params
 
 
 def test_repo_params_are_valid():
     p = load_params(DEFAULT_PARAMS)
     assert len(p.seeds) >= 3
     assert p.jpeg.qualities == [2, 5, 10, 15, 25, 50]
+
+
+@pytest.mark.parametrize("name", sorted(f.stem for f in PROFILES.glob("*.yaml")))
+def test_every_shipped_profile_is_valid(name):
+    """A typo in a profile would otherwise surface only when someone runs it (some take hours)."""
+    p = parse_params(resolve_params(ROOT, profile=name))
+    assert p.seeds and p.report.title
 
 
 @pytest.mark.parametrize("raw, needle", [
@@ -17,6 +25,7 @@ def test_repo_params_are_valid():
     ({"seeds": []}, "seeds: must be a non-empty list"),
     ({"betas": [0.1, 2]}, "betas: write every beta as a decimal"),
     ({"device": "tpu"}, "device: Input should be 'auto', 'cpu' or 'cuda'"),
+    ({"latent": {"qualities": [1]}, "prepare": {"size": 96}}, "prepare.size: the hyperprior (latent.qualities) needs a multiple of 64"),
 ])
 def test_bad_values_name_the_key(raw, needle):
     with pytest.raises(ParamsError) as err:
