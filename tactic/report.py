@@ -69,6 +69,8 @@ def bd_summary(points: list[dict], rows: list[dict], field: str = "accuracy") ->
 def _fmt(p, f, scale=1.0, digits=3):
     if f not in p:
         return "-"
+    if len(p["seeds"]) < 2:  # one seed has no spread to show (its std is unknown, not 0)
+        return f"{p[f] * scale:.{digits}f}"
     return f"{p[f] * scale:.{digits}f} ± {p[f + '_std'] * scale:.{digits}f}"
 
 
@@ -116,6 +118,12 @@ def plot(points: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class Decimals(LogFormatterSciNotation):
+        """The ticks matplotlib would label, as 0.25 rather than 2.5x10^-1 (unreadable when crowded)."""
+        def __call__(self, x, pos=None):
+            return f"{x:.3g}" if super().__call__(x, pos) else ""
 
     panels = [("accuracy", "pixel accuracy (%)"), ("miou", "mean IoU (%)")] if _segmentation(points) else [("accuracy", "top-1 accuracy (%)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), dpi=120, squeeze=False)
@@ -132,6 +140,8 @@ def plot(points: list[dict], path: Path, title: str) -> None:
                 ax.axhline(100 * p[field], color="k", ls="--", lw=1, label=f"uncompressed ({p['bpp']:.0f} bpp)")
                 ax.axhspan(100 * (p[field] - p[f"{field}_std"]), 100 * (p[field] + p[f"{field}_std"]), color="k", alpha=0.08)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(Decimals())
+        ax.xaxis.set_minor_formatter(Decimals(labelOnlyBase=False))
         ax.set_xlabel("bits per pixel (real bitstreams; JPEG: entropy-coded scan)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)

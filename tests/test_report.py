@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tactic.report import aggregate, bd_summary, compressai_results, write_report
+from tactic.report import aggregate, bd_summary, compressai_results, table, write_report
 
 
 def _rows():
@@ -54,6 +54,14 @@ def test_write_report(tmp_path):
     assert res["name"] == "tactic-aware" and res["results"]["bpp"] == sorted(res["results"]["bpp"])
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert compressai_results(aggregate(_rows()), "jpeg", "x")["results"]["psnr-rgb"] == [20.0] * 3
+
+
+def test_one_seed_shows_no_spread():
+    rows = [r for r in _rows() if r["seed"] == 0]
+    lines = table(aggregate(rows)).splitlines()
+    aware = next(line for line in lines if line.startswith("| aware | beta=0.004 |"))
+    assert "| 1 |" in aware and "±" not in aware  # unknown, not 0
+    assert "±" in next(line for line in table(aggregate(_rows())).splitlines() if line.startswith("| aware |"))
 
 
 def test_segmentation_report_adds_miou(tmp_path):
