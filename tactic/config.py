@@ -175,7 +175,8 @@ class Params(_Block):
                              f"(segmentation datasets: {list(SEGMENTATION_DATASETS)})")
         if self.latent.qualities and self.model.task.task != "classification":
             raise ValueError("latent.qualities: the compressed-domain modes classify; set it to [] for segmentation")
-        # Checked here too (pretrain_hyperprior checks the prepared images): fail before `prepare` runs.
+        # 64 is Hyperprior.downsampling (not imported: the schema must not load CompressAI). Checked here
+        # too (pretrain_hyperprior checks the prepared images) to fail before `prepare` runs.
         if self.latent.qualities and self.prepare.size and self.prepare.size % 64:
             raise ValueError(f"prepare.size: the hyperprior (latent.qualities) needs a multiple of 64 pixels "
                              f"(its latent is 1/16, its hyper-latent 1/64 of the image), got {self.prepare.size}")
