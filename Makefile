@@ -15,7 +15,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 run: setup data dvc-init
 	$(if $(PROFILE),$(VENV)/bin/tactic profile $(PROFILE))
 	dvc repro
-	@echo; cat results/table.md; echo "plot: $(CURDIR)/results/rate_accuracy.png"
+	@echo; cat results/table.md; echo; cat results/summary.md; echo "plot: $(CURDIR)/results/rate_accuracy.png"
 	@echo "browse runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 # Two pytest workers: the end-to-end tests spend much of their time waiting on subprocesses and

@@ -5,6 +5,10 @@
 Writes one row per run (see tactic.evaluate) and logs the test metrics into each run's own MLflow
 run, so the MLflow UI shows loss weights, bpp and accuracy side by side.
 """
+from stages.server import handoff
+
+handoff(__name__)  # into a preloaded stage server, when one runs (stages/server.py)
+
 import argparse
 import sys
 from pathlib import Path

@@ -2,6 +2,10 @@
 
     python -m stages.prepare [--params params.yaml] [--out data/prepared]
 """
+from stages.server import handoff
+
+handoff(__name__)  # into a preloaded stage server, when one runs (stages/server.py)
+
 import argparse
 from pathlib import Path
 

@@ -2,6 +2,10 @@
 
     python -m stages.pretrain --beta 0.004 --seed 0
 """
+from stages.server import handoff
+
+handoff(__name__)  # into a preloaded stage server, when one runs (stages/server.py)
+
 import argparse
 from pathlib import Path
 

@@ -3,6 +3,10 @@ rate-distortion trained on the prepared data (CompressAI's loss and lambda), for
 
     python -m stages.pretrain_hyperprior --quality 4 --seed 0
 """
+from stages.server import handoff
+
+handoff(__name__)  # into a preloaded stage server, when one runs (stages/server.py)
+
 import argparse
 from pathlib import Path
 

@@ -2,6 +2,10 @@
 
     python -m stages.report [--eval results/eval.json] [--out results]
 """
+from stages.server import handoff
+
+handoff(__name__)  # into a preloaded stage server, when one runs (stages/server.py)
+
 import argparse
 import json
 from pathlib import Path

@@ -7,6 +7,10 @@
     python -m stages.train latent-frozen --quality 4 --seed 0  # needs pretrain_hyperprior@4-0 (also
                                                                # latent-joint, pixel-decoded)
 """
+from stages.server import handoff
+
+handoff(__name__)  # into a preloaded stage server, when one runs (stages/server.py)
+
 import argparse
 from pathlib import Path
 

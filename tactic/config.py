@@ -55,6 +55,10 @@ class PrepareParams(_Block):
 class CodecParams(_Block):
     N: PositiveInt = 16  # channels of the hidden convolutions
     M: PositiveInt = 8  # channels of the latent y that is entropy coded
+    # What the decoder (and the task network behind it) sees in training: "ste", the rounded latents
+    # of a real bitstream with a straight-through gradient, or "noise", the paper's uniform-noise proxy.
+    # The rate term uses the noise proxy in both. Also the hyperprior's pixel decoder (latent modes).
+    quantizer: Literal["ste", "noise"] = "ste"
 
 
 class TaskParams(_Block):
@@ -88,6 +92,7 @@ class PretrainParams(OptimParams):
 
 
 class TrainParams(OptimParams):
+    lmbda_d: float = Field(1.0, ge=0)  # distortion (MSE) weight of the aware mode
     alpha: float = Field(0.1, ge=0)  # task-loss weight of the aware mode
     gamma: float = Field(1.0, ge=0)  # segmentation: L_T = weighted cross-entropy + gamma * Dice
     class_weights: Optional[list[PositiveFloat]] = None  # segmentation: cross-entropy weight per class

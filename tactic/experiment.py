@@ -48,6 +48,7 @@ def _train(p: Params, run: Run, system: System, loss_fn: TacticLoss, optim, cfg,
     saved = save or system
     params = {"mode": run.mode, "seed": run.seed, "beta": run.beta, "quality": run.quality, "dataset": p.prepare.dataset,
               "codec": "jpeg" if run.mode == "jpeg" else _codec_name(saved.codec),
+              "quantizer": getattr(system.codec, "quantizer", None),
               "task": p.model.task.task, "task_net": p.model.task.arch, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
               "lmbda_d": loss_fn.lmbda_d, "alpha": loss_fn.alpha, "beta_loss": loss_fn.beta, **run_params}
     with tracking.start_run(run.key, run.stage, params, run_id=run_id) as mlrun:
@@ -89,6 +90,7 @@ def pretrain_hyperprior(p: Params, run: Run, data: Path, models: Path) -> dict:
         codec = load_hyperprior(lat.checkpoint.format(quality=q), q, meta["channels"], lat.N, lat.M)
     else:
         codec = Hyperprior(q, meta["channels"], lat.N, lat.M)
+    codec.quantizer = p.model.codec.quantizer
     system = System(codec=codec).to(device)
     optim = make_optimizers(system, lat.pretrain.lr, aux_lr=lat.pretrain.aux_lr)
     loss = TacticLoss(lmbda_d=LMBDA[q] * 255**2, alpha=0.0, beta=1.0)
@@ -139,6 +141,7 @@ def train_latent(p: Params, run: Run, data: Path, models: Path) -> dict:
     task = build_task(p, meta, run.mode, codec.M)
     run_params = {"codec_init": run.codec_run.key, "N": codec.N, "M": codec.M, "task_net": type(task).__name__}
     if run.mode == "latent-joint":
+        codec.quantizer = p.model.codec.quantizer
         system = System(codec, task, latent=True, decode=cfg.lmbda > 0).to(device)
         loss_fn = TacticLoss(lmbda_d=cfg.lmbda, alpha=cfg.alpha, beta=cfg.beta)
         optim = make_optimizers(system, cfg.lr, codec_lr=cfg.codec_lr, aux_lr=cfg.aux_lr)
@@ -175,7 +178,8 @@ def train_task(p: Params, run: Run, data: Path, models: Path) -> dict:
         codec = load_codec(codec_path, device)[0]
         run_params["codec_init"] = run.codec_run.key
         if run.mode == "aware":
-            loss_fn = TacticLoss(lmbda_d=1.0, alpha=p.train.alpha, beta=run.beta, task_loss=task_loss)
+            codec.quantizer = p.model.codec.quantizer
+            loss_fn = TacticLoss(lmbda_d=p.train.lmbda_d, alpha=p.train.alpha, beta=run.beta, task_loss=task_loss)
     system = System(codec, task, codec_frozen=run.mode == "agnostic").to(device)
     loss_fn.to(device)
     if task_loss is not None:

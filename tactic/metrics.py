@@ -1,4 +1,5 @@
-"""Metrics: top-k accuracy, PSNR, BD-accuracy between rate-accuracy curves, and segmentation scores.
+"""Metrics: top-k accuracy, PSNR, BD-accuracy and BD-rate between rate-accuracy curves, matched-rate
+comparisons, and segmentation scores.
 
 Segmentation is scored from one confusion matrix summed over the whole test split:
 
@@ -24,6 +25,15 @@ def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return -10 * torch.log10(mse)
 
 
+def _curve(rate, acc) -> tuple[np.ndarray, np.ndarray]:
+    """(log10 rate, accuracy) sorted by rate; at least two points of positive rate."""
+    rate, acc = np.asarray(rate, float), np.asarray(acc, float)
+    if len(rate) < 2 or (rate <= 0).any():
+        raise ValueError("a curve needs at least two points with positive rate")
+    order = np.argsort(rate)
+    return np.log10(rate[order]), acc[order]
+
+
 def bd_accuracy(rate_a, acc_a, rate_b, acc_b, samples: int = 1000) -> float:
     """Mean accuracy of curve B minus curve A over their overlapping log-rate range.
 
@@ -32,19 +42,64 @@ def bd_accuracy(rate_a, acc_a, rate_b, acc_b, samples: int = 1000) -> float:
     difference is averaged over the common interval. Positive means B is more accurate at equal rate.
     Raises ValueError when the rate ranges do not overlap.
     """
-    def curve(rate, acc):
-        rate, acc = np.asarray(rate, float), np.asarray(acc, float)
-        if len(rate) < 2 or (rate <= 0).any():
-            raise ValueError("a curve needs at least two points with positive rate")
-        order = np.argsort(rate)
-        return np.log10(rate[order]), acc[order]
-
-    (ra, aa), (rb, ab) = curve(rate_a, acc_a), curve(rate_b, acc_b)
+    (ra, aa), (rb, ab) = _curve(rate_a, acc_a), _curve(rate_b, acc_b)
     lo, hi = max(ra[0], rb[0]), min(ra[-1], rb[-1])
     if hi <= lo:
         raise ValueError(f"rate ranges do not overlap: [{10**ra[0]:.3g}, {10**ra[-1]:.3g}] and [{10**rb[0]:.3g}, {10**rb[-1]:.3g}] bpp")
     grid = np.linspace(lo, hi, samples)
     return float(np.mean(np.interp(grid, rb, ab) - np.interp(grid, ra, aa)))
+
+
+def _first_crossing(log_rate: np.ndarray, acc: np.ndarray, target: float) -> float | None:
+    """log10 of the lowest rate at which the piecewise-linear curve reaches `target`, or None.
+
+    Defined for curves that are not monotone (accuracy may dip as the rate grows): it is where the
+    curve first gets there, which is what a user choosing an operating point wants to know."""
+    if acc[0] >= target:
+        return float(log_rate[0])
+    for i in range(len(acc) - 1):
+        if acc[i + 1] >= target:  # acc[i] < target <= acc[i + 1]
+            t = (target - acc[i]) / (acc[i + 1] - acc[i])
+            return float(log_rate[i] + t * (log_rate[i + 1] - log_rate[i]))
+    return None
+
+
+def bd_rate(rate_a, acc_a, rate_b, acc_b, samples: int = 1000) -> float:
+    """Rate change of curve B against curve A at equal accuracy, in percent (negative: B needs fewer bits).
+
+    Bjontegaard's BD-rate with accuracy in place of PSNR: for every accuracy both curves reach,
+    the lowest rate at which each reaches it (piecewise linear in log10(bpp), see `_first_crossing`);
+    the mean log-rate difference over the overlapping accuracy range, as a percentage. A curve's
+    range runs from the accuracy at its lowest rate to its best accuracy.
+    Raises ValueError when the accuracy ranges do not overlap.
+    """
+    (ra, aa), (rb, ab) = _curve(rate_a, acc_a), _curve(rate_b, acc_b)
+    lo, hi = max(aa[0], ab[0]), min(aa.max(), ab.max())
+    if hi <= lo:
+        raise ValueError(f"accuracy ranges do not overlap: [{aa[0]:.3g}, {aa.max():.3g}] and [{ab[0]:.3g}, {ab.max():.3g}]")
+    grid = np.linspace(lo, hi, samples)
+    diff = [_first_crossing(rb, ab, a) - _first_crossing(ra, aa, a) for a in grid]
+    return float(100 * (10 ** np.mean(diff) - 1))
+
+
+def rate_at_accuracy(rate, acc, target: float) -> float | None:
+    """The lowest rate (bpp) at which the curve reaches `target` accuracy; None if it never does."""
+    lr, a = _curve(rate, acc)
+    hit = _first_crossing(lr, a, target)
+    return None if hit is None else float(10**hit)
+
+
+def accuracy_at_rate(rate, acc, budget: float) -> float | None:
+    """The best accuracy the curve reaches at a rate of at most `budget` bpp (interpolated in
+    log10(bpp) between its points); None if its lowest rate is above the budget."""
+    lr, a = _curve(rate, acc)
+    lb = np.log10(budget)
+    if lb < lr[0]:
+        return None
+    inside = list(a[lr <= lb])
+    if lb < lr[-1]:
+        inside.append(float(np.interp(lb, lr, a)))
+    return float(max(inside))
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:

@@ -14,7 +14,7 @@ import numpy as np
 
 from tactic.grid import MODES
 from tactic.io import atomic_path, write_json, write_text
-from tactic.metrics import bd_accuracy
+from tactic.metrics import accuracy_at_rate, bd_accuracy, bd_rate, rate_at_accuracy
 
 FIELDS = ("accuracy", "top5", "miou", "bpp", "bpp_estimated", "bpp_file", "psnr")
 
@@ -42,28 +42,81 @@ def _curve(points, mode, field="accuracy"):
     return [p["bpp"] for p in ps], [p[field] for p in ps]
 
 
-def bd_summary(points: list[dict], rows: list[dict], field: str = "accuracy") -> dict:
-    """BD-accuracy (percentage points) of `aware` against `jpeg` and `agnostic`: on the seed-mean curves,
-    and per seed (mean and spread), or the reason it could not be computed."""
-    out = {}
-    for ref in ("jpeg", "agnostic"):
-        key = f"bd_{field}_aware_vs_{ref}"
+# (mode, reference) pairs compared wherever both modes ran: TACTIC's, then the compressed-domain ones.
+PAIRS = (("aware", "agnostic"), ("aware", "jpeg"), ("latent-joint", "latent-frozen"), ("latent-frozen", "pixel-decoded"))
+MATCH_TOLERANCE = 0.01  # "within 1 point of JPEG's accuracy at its lowest rate"
+
+
+def comparisons(points: list[dict], field: str = "accuracy") -> tuple[dict, dict]:
+    """Each mode against its references on one set of curves: (figures, notes saying why a figure is None).
+
+    - bd_<field>_<mode>_vs_<ref>: BD-accuracy (percentage points) over the overlapping rate range;
+    - bdrate_<field>_<mode>_vs_<ref>: BD-rate (%) over the overlapping accuracy range;
+    and, with `aware` and `jpeg`, at JPEG's lowest rate (its cheapest operating point), which learned
+    codecs often undercut, so that a comparison exists where the rate ranges do not overlap:
+    - jpeg_min_rate, jpeg_min_rate_<field>: that point;
+    - <mode>_<field>_at_jpeg_min_rate: the best accuracy a codec mode reaches with no more bits;
+    - <mode>_rate_for_jpeg_min_<field>[_within_1pt]: the lowest rate at which it reaches JPEG's
+      accuracy there (or comes within 1 point of it), and `_ratio`, that rate over JPEG's.
+    """
+    out, notes = {}, {}
+
+    def put(key, fn, *args):
         try:
-            out[key] = 100 * bd_accuracy(*_curve(points, ref, field), *_curve(points, "aware", field))
+            out[key] = fn(*args)
         except ValueError as err:
-            out[key] = None
-            out[f"{key}_note"] = str(err)
-            continue
-        per_seed = []
-        for seed in sorted({r["seed"] for r in rows}):
-            mine = [r for r in rows if r["seed"] == seed]
-            try:
-                per_seed.append(100 * bd_accuracy(*_curve(mine, ref, field), *_curve(mine, "aware", field)))
-            except ValueError:
-                pass
-        if len(per_seed) > 1:
-            out[f"{key}_seed_std"] = float(np.std(per_seed, ddof=1))
-    return out
+            out[key], notes[key] = None, str(err)
+
+    scale = 100  # accuracies as percentage points
+    modes = {p["mode"] for p in points}
+    for mode, ref in PAIRS:
+        if mode in modes and ref in modes:
+            curve, ref_curve = _curve(points, mode, field), _curve(points, ref, field)
+            put(f"bd_{field}_{mode}_vs_{ref}", lambda: scale * bd_accuracy(*ref_curve, *curve))
+            put(f"bdrate_{field}_{mode}_vs_{ref}", lambda: bd_rate(*ref_curve, *curve))
+    jpeg = [p for p in points if p["mode"] == "jpeg" and field in p]
+    if not jpeg or "aware" not in modes:
+        return out, notes
+    cheapest = min(jpeg, key=lambda p: p["bpp"])
+    out["jpeg_min_rate"], out[f"jpeg_min_rate_{field}"] = cheapest["bpp"], cheapest[field]
+    for mode in ("aware", "agnostic"):
+        curve = _curve(points, mode, field)
+        key = f"{mode}_{field}_at_jpeg_min_rate"
+        put(key, accuracy_at_rate, *curve, cheapest["bpp"])
+        if out[key] is None and key not in notes:
+            notes[key] = f"every {mode} point is above JPEG's lowest rate ({cheapest['bpp']:.3g} bpp)"
+        for suffix, target in (("", cheapest[field]), ("_within_1pt", cheapest[field] - MATCH_TOLERANCE)):
+            key = f"{mode}_rate_for_jpeg_min_{field}{suffix}"
+            put(key, rate_at_accuracy, *curve, target)
+            if out[key] is None and key not in notes:
+                notes[key] = f"{mode} never reaches {scale * target:.2f} % (its best: {scale * max(curve[1]):.2f} %)"
+            out[f"{key}_ratio"] = None if out[key] is None else out[key] / cheapest["bpp"]
+    return out, notes
+
+
+def bd_summary(points: list[dict], rows: list[dict], field: str = "accuracy") -> dict:
+    """`comparisons` on the seed-mean curves, with each figure's sample std over the per-seed curves.
+
+    A figure that cannot be computed is None with a `_note` saying why; a seed whose own curves do
+    not give a figure is listed under `_seeds_left_out` with the reason, never dropped silently."""
+    out, notes = comparisons(points, field)
+    seeds = sorted({r["seed"] for r in rows})
+    per_seed = {seed: comparisons([r for r in rows if r["seed"] == seed], field) for seed in seeds}
+    summary = {}
+    for key, value in out.items():
+        summary[key] = value
+        if key in notes:
+            summary[f"{key}_note"] = notes[key]
+        if key == "jpeg_min_rate" or len(seeds) < 2:
+            continue  # JPEG's rate is the same for every seed
+        values = {s: per_seed[s][0].get(key) for s in seeds}
+        kept = [v for v in values.values() if v is not None]
+        if len(kept) > 1:
+            summary[f"{key}_seed_std"] = float(np.std(kept, ddof=1))
+        left_out = {str(s): per_seed[s][1].get(key, "no figure") for s, v in values.items() if v is None}
+        if left_out and value is not None:
+            summary[f"{key}_seeds_left_out"] = left_out
+    return summary
 
 
 def _fmt(p, f, scale=1.0, digits=3):
@@ -112,8 +165,35 @@ def compressai_results(points: list[dict], mode: str, dataset: str) -> dict:
     return {"name": f"tactic-{mode}", "description": f"{mode} on {dataset}, mean over seeds", "results": results}
 
 
+def headline(summary: dict, field: str = "accuracy") -> str:
+    """The comparisons of `bd_summary` as a markdown table: figure, value on the seed-mean curves,
+    spread over seeds, and the reason where a figure is missing or a seed was left out."""
+    name = {"accuracy": "accuracy", "miou": "mIoU"}[field]
+    rows = [(f"bd_{field}_{m}_vs_{r}", f"BD-{name} {m} vs {r} (points)", ".2f") for m, r in PAIRS]
+    rows += [(f"bdrate_{field}_{m}_vs_{r}", f"BD-rate {m} vs {r} at equal {name} (%)", ".1f") for m, r in PAIRS]
+    rows += [("jpeg_min_rate", "JPEG's lowest rate (bpp)", ".3f"),
+            (f"jpeg_min_rate_{field}", f"JPEG's {name} there (%)", ".2f"),
+            (f"aware_{field}_at_jpeg_min_rate", f"aware's best {name} at or below that rate (%)", ".2f"),
+            (f"agnostic_{field}_at_jpeg_min_rate", f"agnostic's best {name} at or below that rate (%)", ".2f"),
+            (f"aware_rate_for_jpeg_min_{field}_ratio", f"aware's rate to reach JPEG's lowest-rate {name}, / JPEG's rate", ".2f"),
+            (f"aware_rate_for_jpeg_min_{field}_within_1pt_ratio", "... to come within 1 point of it, / JPEG's rate", ".2f")]
+    lines = ["| figure | value | spread over seeds | note |", "|---|---|---|---|"]
+    for key, label, fmt in rows:
+        if key not in summary:
+            continue
+        value, scale = summary[key], 100 if key.startswith(("bd_", "jpeg_min_rate_", "aware_" + field, "agnostic_" + field)) else 1
+        std = summary.get(f"{key}_seed_std")
+        note = summary.get(f"{key}_note", "")
+        if f"{key}_seeds_left_out" in summary:
+            note += "; seeds left out: " + ", ".join(f"{s} ({why})" for s, why in summary[f"{key}_seeds_left_out"].items())
+        lines.append(f"| {label} | {'-' if value is None else format(scale * value, fmt)} | "
+                     f"{'-' if std is None else '± ' + format(scale * std, fmt)} | {note.lstrip('; ')} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(points: list[dict], path: Path, title: str) -> None:
-    """Rate-accuracy; for segmentation a rate-mIoU panel beside it."""
+    """Rate-accuracy; for segmentation a rate-mIoU panel beside it. JPEG's lowest rate and its
+    accuracy there are marked: the matched-rate comparison where the rate ranges do not overlap."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,6 +215,12 @@ def plot(points: list[dict], path: Path, title: str) -> None:
             if ps:
                 ax.errorbar([p["bpp"] for p in ps], [100 * p[field] for p in ps], xerr=[p["bpp_std"] for p in ps],
                             yerr=[100 * p[f"{field}_std"] for p in ps], color=color, marker=marker, capsize=3, label=mode)
+        jpeg = [p for p in points if p["mode"] == "jpeg" and field in p]
+        if jpeg:
+            cheapest = min(jpeg, key=lambda p: p["bpp"])
+            ax.axvline(cheapest["bpp"], color="tab:gray", ls=":", lw=1)
+            ax.axhline(100 * cheapest[field], color="tab:gray", ls=":", lw=1,
+                       label=f"JPEG's lowest rate (q={cheapest['quality']}) and its accuracy")
         for p in points:
             if p["mode"] == "uncompressed" and field in p:
                 ax.axhline(100 * p[field], color="k", ls="--", lw=1, label=f"uncompressed ({p['bpp']:.0f} bpp)")
@@ -157,14 +243,17 @@ def write_report(rows: list[dict], out: Path, title: str, dataset: str) -> dict:
     """Everything the report stage writes under `out`; returns the summary (the DVC metrics)."""
     points = aggregate(rows)
     summary = {"num_runs": len(rows), **bd_summary(points, rows)}
+    fields = ["accuracy"]
     if _segmentation(points):
         summary.update(bd_summary(points, rows, "miou"))
+        fields.append("miou")
     for p in points:
         if p["mode"] == "uncompressed":
             summary["uncompressed_accuracy"] = p.get("accuracy")
             if "miou" in p:
                 summary["uncompressed_miou"] = p["miou"]
     write_text(out / "table.md", table(points))
+    write_text(out / "summary.md", "\n".join(headline(summary, f) for f in fields))
     write_text(out / "points.csv", points_csv(points))
     write_json(out / "points.json", points)
     for mode in MODES:

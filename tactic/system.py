@@ -70,7 +70,7 @@ class System(nn.Module):
 def build_codec(p: Params, in_channels: int):
     from tactic.models.codec import TacticCodec  # imports CompressAI: only where a codec is needed
 
-    return TacticCodec(in_channels, p.model.codec.N, p.model.codec.M)
+    return TacticCodec(in_channels, p.model.codec.N, p.model.codec.M, p.model.codec.quantizer)
 
 
 def codec_from_config(config: dict):

@@ -66,13 +66,15 @@ class TaskScores:
 
 
 @torch.no_grad()
-def validate(system: System, loss_fn: TacticLoss, split: Split, batch_size: int, device, limit_batches=None) -> dict:
-    """Loss parts, accuracy (mIoU too for segmentation) and PSNR with the codec in inference mode
-    (rounding; estimated bpp)."""
+def validate(system: System, loss_fn: TacticLoss, split: Split, batch_size: int, device, limit_batches=None,
+             transform=None) -> dict:
+    """Loss parts, accuracy (mIoU too for segmentation) and PSNR on what the test split will show the
+    task network: the codec in inference mode (rounded latents, the reconstruction a bitstream
+    decodes to; estimated bpp), or images through `transform` (JPEG) as in training."""
     system.eval()
     sums, n = defaultdict(float), 0
     scores = TaskScores(getattr(loss_fn.task_loss, "ignore_index", 255))
-    for x, y in batches(split, batch_size, device, limit_batches=limit_batches):
+    for x, y in batches(split, batch_size, device, limit_batches=limit_batches, transform=transform):
         out = system(x)
         for k, v in loss_fn(out, x, y).items():
             sums[k] += float(v) * len(x)
@@ -135,7 +137,7 @@ def fit(
                 sums[k] += float(v.detach()) * len(x)
             n += len(x)
         metrics = {f"train_{k}": v / n for k, v in sums.items()}
-        metrics.update(validate(system, loss_fn, val, cfg.batch_size, device, cfg.limit_batches))
+        metrics.update(validate(system, loss_fn, val, cfg.batch_size, device, cfg.limit_batches, transform))
         history.append({"epoch": epoch, **metrics})
         log(metrics, epoch)
         save_torch(checkpoint, {

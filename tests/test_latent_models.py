@@ -162,7 +162,7 @@ def test_rate_distortion_training_lowers_the_loss():
     opt, aux = configure_optimizers(codec, lr=1e-2, aux_lr=1e-2)
     x = _images(4)
     losses = []
-    for _ in range(12):
+    for _ in range(20):  # straight-through rounding (the default) needs a few more steps than noise here
         parts = rd_loss(codec(x), x, codec.lmbda)
         assert set(parts) == {"mse_loss", "bpp_loss", "loss"}
         opt.zero_grad()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tactic.metrics import bd_accuracy, psnr, topk_correct
+from tactic.metrics import accuracy_at_rate, bd_accuracy, bd_rate, psnr, rate_at_accuracy, topk_correct
 
 
 def test_bd_accuracy_constant_offset():
@@ -38,3 +38,29 @@ def test_topk_and_psnr():
     x = torch.zeros(1, 1, 4, 4)
     assert float(psnr(x + 0.1, x)) == pytest.approx(20.0, rel=1e-5)
     assert np.isinf(float(psnr(x, x)))
+
+
+def test_bd_rate_of_a_curve_shifted_in_rate():
+    # B reaches every accuracy at half A's rate: -50 %; A against B: +100 %.
+    ra = [0.125, 0.25, 0.5, 1.0]
+    acc = [0.5, 0.6, 0.7, 0.8]
+    rb = [r / 2 for r in ra]
+    assert bd_rate(ra, acc, rb, acc) == pytest.approx(-50.0, abs=1e-6)
+    assert bd_rate(rb, acc, ra, acc) == pytest.approx(100.0, abs=1e-6)
+    with pytest.raises(ValueError, match="accuracy ranges do not overlap"):
+        bd_rate(ra, acc, rb, [a + 0.5 for a in acc])
+
+
+def test_bd_rate_takes_the_first_rate_a_non_monotone_curve_reaches():
+    # B dips after its first point: 0.6 is first reached at 0.2 bpp, not after the dip.
+    assert rate_at_accuracy([0.2, 0.4, 0.8], [0.6, 0.5, 0.7], 0.6) == pytest.approx(0.2)
+    assert rate_at_accuracy([0.2, 0.4, 0.8], [0.6, 0.5, 0.7], 0.65) == pytest.approx(0.4 * 2 ** 0.75)  # 3/4 of the way up, in log rate
+    assert rate_at_accuracy([0.2, 0.4], [0.6, 0.5], 0.9) is None
+
+
+def test_accuracy_at_a_rate_budget():
+    rate, acc = [0.1, 0.4], [0.5, 0.7]
+    assert accuracy_at_rate(rate, acc, 0.2) == pytest.approx(0.6)  # halfway in log rate
+    assert accuracy_at_rate(rate, acc, 1.0) == pytest.approx(0.7)
+    assert accuracy_at_rate([0.1, 0.2, 0.4], [0.5, 0.8, 0.6], 0.3) == pytest.approx(0.8)  # the best point within budget
+    assert accuracy_at_rate(rate, acc, 0.05) is None  # every point costs more than the budget

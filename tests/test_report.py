@@ -1,8 +1,9 @@
 import json
 
+import numpy as np
 import pytest
 
-from tactic.report import aggregate, bd_summary, compressai_results, table, write_report
+from tactic.report import aggregate, bd_summary, compressai_results, headline, table, write_report
 
 
 def _rows():
@@ -73,3 +74,21 @@ def test_segmentation_report_adds_miou(tmp_path):
     assert summary["bd_miou_aware_vs_agnostic"] == pytest.approx(10.0)  # the same curves, shifted
     assert summary["uncompressed_miou"] == pytest.approx(0.61)
     assert "miou" in json.loads((tmp_path / "compressai" / "aware.json").read_text())["results"]
+
+
+def test_matched_rate_figures_and_seeds_left_out():
+    rows = _rows()
+    for r in rows:  # seed 1's aware curve sits wholly below every other rate: no BD figure for that seed
+        if r["mode"] == "aware" and r["seed"] == 1:
+            r["bpp"] /= 100
+    s = bd_summary(aggregate(rows), rows)
+    assert s["jpeg_min_rate"] == pytest.approx(0.5) and s["jpeg_min_rate_accuracy"] == pytest.approx(0.61)
+    # agnostic's seed-mean curve: 0.56 at 0.4 bpp, 0.66 at 0.8 bpp; at 0.5 bpp (log-interpolated) ~0.592
+    assert s["agnostic_accuracy_at_jpeg_min_rate"] == pytest.approx(0.56 + 0.1 * np.log(0.5 / 0.4) / np.log(2))
+    assert s["agnostic_rate_for_jpeg_min_accuracy"] > 0.5  # needs more bits than JPEG for JPEG's accuracy
+    assert s["agnostic_rate_for_jpeg_min_accuracy_within_1pt_ratio"] == pytest.approx(
+        s["agnostic_rate_for_jpeg_min_accuracy_within_1pt"] / 0.5)
+    left_out = s["bd_accuracy_aware_vs_agnostic_seeds_left_out"]
+    assert list(left_out) == ["1"] and "do not overlap" in left_out["1"]
+    assert "bd_accuracy_aware_vs_agnostic_seed_std" not in s  # one seed left: no spread to claim
+    assert "seeds left out: 1 (" in headline(s)

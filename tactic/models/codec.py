@@ -10,14 +10,23 @@ The codec is deliberately small so it can be trained jointly with a task network
     g_a: 2 x [conv 3x3, ReLU, max-pool 2]          (H x W -> H/4 x W/4, M channels)
     g_s: 3 x up-convolution, ReLU between them     (2 of stride 2, the last of stride 1)
 
-Q is additive uniform noise while training (a differentiable proxy) and rounding at inference;
-both come from CompressAI's `EntropyBottleneck`, which also holds the learned CDFs that
-`compress`/`decompress` use with its rANS coder.
+Q is rounding at inference (the symbols the rANS coder writes, with the learned CDFs of CompressAI's
+`EntropyBottleneck`). In training the rate term always sees y + uniform noise (the paper's
+differentiable proxy, eq. 5); what g_s, and through it the task network, sees is set by `quantizer`:
+
+    "ste"   round(y) with a straight-through gradient: exactly the latents a bitstream decodes to,
+            so a jointly trained task network learns on what it is tested on (the default);
+    "noise" y + uniform noise, as in the paper: the decoder and task network then train on latents
+            they never meet at test time.
+
+The output is clamped to [0, 1] in training too (with a straight-through gradient, so out-of-range
+pixels still learn), because decoded images are clamped.
 
 Args:
     in_channels (int): image channels (1 for grey, 3 for RGB)
     N (int): channels of the hidden convolutions
     M (int): channels of the latent y
+    quantizer (str): "ste" or "noise", what g_s sees in training (see above)
 """
 from __future__ import annotations
 
@@ -25,15 +34,25 @@ import torch
 from tactic.models import _compressai  # noqa: F401  (before compressai: skips its point-cloud imports)
 from compressai.entropy_models import EntropyBottleneck
 from compressai.models import CompressionModel
+from compressai.ops import quantize_ste
 from torch import nn
+
+QUANTIZERS = ("ste", "noise")
+
+
+def clamp_ste(x: torch.Tensor) -> torch.Tensor:
+    """x clamped to [0, 1], with the identity's gradient (a hard clamp would stop it outside)."""
+    return x + (x.clamp(0, 1) - x).detach()
 
 
 class TacticCodec(CompressionModel):
     downsampling = 4
 
-    def __init__(self, in_channels: int = 3, N: int = 32, M: int = 8):
+    def __init__(self, in_channels: int = 3, N: int = 32, M: int = 8, quantizer: str = "ste"):
         super().__init__()
-        self.in_channels, self.N, self.M = in_channels, N, M
+        if quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+        self.in_channels, self.N, self.M, self.quantizer = in_channels, N, M, quantizer
         self.g_a = nn.Sequential(
             nn.Conv2d(in_channels, N, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
             nn.Conv2d(N, M, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
@@ -55,8 +74,12 @@ class TacticCodec(CompressionModel):
     def forward(self, x: torch.Tensor) -> dict:
         self._check_size(x)
         y = self.g_a(x)
-        y_hat, y_likelihoods = self.entropy_bottleneck(y)
-        return {"x_hat": self.g_s(y_hat), "likelihoods": {"y": y_likelihoods}}
+        y_hat, y_likelihoods = self.entropy_bottleneck(y)  # training: y + noise; inference: rounded
+        if self.training and self.quantizer == "ste":
+            # Rounded around the medians, as the coder rounds (`compress`) and eval mode does.
+            medians = self.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
+            y_hat = quantize_ste(y - medians) + medians
+        return {"x_hat": clamp_ste(self.g_s(y_hat)), "likelihoods": {"y": y_likelihoods}}
 
     def compress(self, x: torch.Tensor) -> dict:
         """One bitstream per image; `shape` is the latent size that `decompress` needs."""
@@ -70,4 +93,5 @@ class TacticCodec(CompressionModel):
 
     @property
     def config(self) -> dict:
+        # The quantizer is a training setting (set from params where training happens), not part of the model.
         return {"in_channels": self.in_channels, "N": self.N, "M": self.M}

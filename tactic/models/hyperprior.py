@@ -56,6 +56,7 @@ from compressai.zoo.pretrained import load_pretrained
 
 from tactic.io import save_torch
 from tactic.losses import bpp
+from tactic.models.codec import QUANTIZERS, clamp_ste
 
 ARCH = "bmshj2018-hyperprior"
 # CompressAI's zoo: lambda per quality for the MSE models (rate-distortion loss lmbda * 255^2 * MSE + bpp).
@@ -80,14 +81,20 @@ class Hyperprior(ScaleHyperprior):
             replaces only the first conv of g_a and the last deconv of g_s
         N (int): hidden channels, to override the quality's (tiny smoke-test models)
         M (int): channels of the latent y, likewise
+        quantizer (str): what g_s sees in training: "ste" (rounded y, straight-through gradient: the
+            values a bitstream decodes to) or "noise" (y + uniform noise, CompressAI's proxy). The
+            rate term uses the noise proxy in both. A training setting, not part of `config`.
     """
 
     downsampling = 64  # g_a: 2^4, h_a: 2^2 more; smaller multiples break the z -> sigma_hat shapes
 
-    def __init__(self, quality: int, in_channels: int = 3, N: int | None = None, M: int | None = None):
+    def __init__(self, quality: int, in_channels: int = 3, N: int | None = None, M: int | None = None,
+                 quantizer: str = "ste"):
         n, m = channels(quality)
         super().__init__(N or n, M or m)
-        self.quality, self.in_channels, self.lmbda = quality, in_channels, LMBDA[quality]
+        if quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+        self.quality, self.in_channels, self.lmbda, self.quantizer = quality, in_channels, LMBDA[quality], quantizer
         if in_channels != 3:
             self.g_a[0] = conv(in_channels, self.N)
             self.g_s[-1] = deconv(self.N, in_channels)
@@ -107,13 +114,15 @@ class Hyperprior(ScaleHyperprior):
         z = self.h_a(torch.abs(y))
         z_tilde, z_likelihoods = self.entropy_bottleneck(z)
         scales = self._scales(z_tilde)
-        # Training: y_tilde = y + uniform noise, CompressAI's differentiable proxy for the rate and for g_s.
+        # Training: y_tilde = y + uniform noise, CompressAI's differentiable proxy for the rate.
         # Inference: y_tilde = round(y), the symbols a bitstream carries.
         y_tilde, y_likelihoods = self.gaussian_conditional(y, scales)
         out = {"likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
         out.update(self._task_latents(y, z, y_tilde, scales))
         if decode:
-            out["x_hat"] = self.g_s(y_tilde)
+            # g_s sees what it decodes at test time (rounded y) unless the noise proxy is asked for.
+            y_dec = out["y_hat"] if self.training and self.quantizer == "ste" else y_tilde
+            out["x_hat"] = clamp_ste(self.g_s(y_dec))
         return out
 
     def _scales(self, z_hat: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,417 @@
+"""The stage server: stage processes that start in milliseconds instead of ~10 seconds.
+
+    python -m stages.server start      # preload torch, torchvision, CompressAI, MLflow; serve in the background
+    python -m stages.server status     # is one running for this venv, and what has it served
+    python -m stages.server stop
+
+Every stage process pays for the same imports (torch, torchvision, CompressAI with SciPy, MLflow with
+SQLAlchemy and Alembic, torch._dynamo at the first optimiser step) before any work: about 10 s, more
+than most stages of the embedded default spend training. In the manner of Python's forkserver and the
+build daemons (Gradle's, Bazel's), a server process of this venv imports those third-party libraries
+once and forks a child per stage command. `python -m stages.<name>`, run by DVC, calls `handoff()`
+before its own imports: when a server of this venv answers, the command (argv, working directory,
+environment, sys.path, and its stdin/stdout/stderr, passed as file descriptors) runs in a fresh fork,
+and the command exits with the child's status (or dies by its signal); otherwise it simply goes on
+as a normal process. Nothing else changes: same code, same output, same exit status.
+
+What keeps a fork honest:
+- the server imports no module of this project: `tactic`, `stages` and `pipeline` are imported
+  fresh in every child, from the command's own sys.path, so an edit or another checkout is never stale;
+- it initialises no CUDA context, no OpenMP thread pool and no database connection before forking
+  (imports only), so each child sets up its own threads, device and MLflow store;
+- SIGINT/SIGTERM/SIGHUP sent to the command are forwarded to the child; if the command is killed
+  outright (SIGKILL), the child notices the closed connection and kills itself;
+- the socket's name carries a fingerprint of the venv's site-packages, so after an install changes
+  them a stale server is never used (it exits when idle, by default after 10 minutes);
+- `TACTIC_STAGE_SERVER=0` turns the hand-off off for a command.
+
+This module is imported by every stage before anything heavy: it uses the standard library only.
+"""
+from __future__ import annotations
+
+import argparse
+import array
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+PROJECT_PACKAGES = ("tactic", "stages", "pipeline")
+# Third-party modules every stage (or most) needs; imported once by the server, never used before forking.
+PRELOAD = (
+    "numpy", "yaml", "pydantic", "tqdm", "PIL.Image",
+    "torch", "torch.nn", "torch.optim", "torch._dynamo", "torchvision", "torchvision.models",
+    "torchvision.models.segmentation",
+    "compressai", "compressai.entropy_models", "compressai.models", "compressai.ops", "compressai.zoo",
+    "compressai.zoo.pretrained", "compressai.models.utils",
+    "mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "sqlalchemy", "alembic",
+    "matplotlib", "matplotlib.pyplot",
+)
+DISABLE = "TACTIC_STAGE_SERVER"  # "0": never hand off
+_IN_CHILD = "_TACTIC_STAGE_SERVER_CHILD"  # set in a served child, so it does not hand off again
+
+
+def _fingerprint() -> str:
+    """This venv and the state of its installed packages: a server of another install is never used."""
+    import sysconfig
+
+    site = sysconfig.get_paths()["purelib"]
+    try:
+        stamp = os.stat(site).st_mtime_ns
+    except OSError:
+        stamp = 0
+    return hashlib.sha1(f"{os.path.realpath(sys.prefix)}|{site}|{stamp}|{sys.version}".encode()).hexdigest()[:12]
+
+
+def socket_path() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.environ.get("TMPDIR") or "/tmp"
+    return os.path.join(base, f"tactic-stage-server-{os.getuid()}-{_fingerprint()}.sock")
+
+
+# -- wire format: one JSON object per message, length-prefixed -------------------------------------
+
+def _send(sock: socket.socket, obj: dict, fds: list[int] | None = None) -> None:
+    data = json.dumps(obj).encode()
+    payload = len(data).to_bytes(4, "big") + data
+    if fds:
+        socket.send_fds(sock, [payload], fds)
+    else:
+        sock.sendall(payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("connection closed")
+        buf += chunk
+    return buf
+
+
+def _recv(sock: socket.socket) -> dict:
+    return json.loads(_recv_exact(sock, int.from_bytes(_recv_exact(sock, 4), "big")))
+
+
+def _recv_with_fds(sock: socket.socket, maxfds: int = 3) -> tuple[dict, list[int]]:
+    first, fds, _, _ = socket.recv_fds(sock, 1 << 20, maxfds)
+    if len(first) < 4:
+        first += _recv_exact(sock, 4 - len(first))
+    size = int.from_bytes(first[:4], "big")
+    body = first[4:]
+    if len(body) < size:
+        body += _recv_exact(sock, size - len(body))
+    return json.loads(body), list(fds)
+
+
+# -- the client side: called at the top of every stage module ---------------------------------------
+
+def handoff(module: str) -> None:
+    """Run this stage command in the stage server when one answers, and exit as its child did.
+
+    Returns (and the command goes on as a normal process) when not run as a script, when turned off,
+    inside a served child, or when no server of this venv answers."""
+    if module != "__main__" or os.environ.get(DISABLE) == "0" or os.environ.get(_IN_CHILD):
+        return
+    spec = sys.modules["__main__"].__spec__
+    if spec is None:  # run as a file path, not with -m: nothing to name the module by
+        return
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(socket_path())
+        request = {"cmd": "run", "module": spec.name, "argv": sys.argv[1:], "cwd": os.getcwd(),
+                   "env": dict(os.environ), "path": sys.path}
+        _send(sock, request, [0, 1, 2])
+        started = _recv(sock)
+    except (OSError, EOFError, ValueError):
+        sock.close()
+        return  # no server, or it could not start the child: nothing ran, so run here
+    sys.exit(_wait(sock, started["pid"]))
+
+
+def _wait(sock: socket.socket, pid: int) -> int:
+    """Forward signals to the served child until it ends; its exit code, or die by its signal."""
+    def forward(signum, _frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
+    try:
+        done = _recv(sock)
+    except (OSError, EOFError, ValueError):
+        print(f"stage server: lost the connection to the child {pid} running this stage", file=sys.stderr)
+        return 1
+    if done.get("signal"):
+        signal.signal(done["signal"], signal.SIG_DFL)
+        os.kill(os.getpid(), done["signal"])
+    return done.get("code", 1)
+
+
+# -- the server side -------------------------------------------------------------------------------
+
+def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> None:
+    """In the forked child: become the stage command, run it, and never return."""
+    code = 1
+    try:
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.set_wakeup_fd(-1)
+        os.setpgid(0, 0)  # its own process group: the server's group is not the command's
+        for target, fd in zip((0, 1, 2), fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        # The same Python objects (loggers made at import hold them) now write to the command's streams.
+        unbuffered = bool(request["env"].get("PYTHONUNBUFFERED"))
+        sys.stdout.reconfigure(line_buffering=unbuffered or os.isatty(1), write_through=unbuffered)
+        sys.stderr.reconfigure(line_buffering=True)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.environ[_IN_CHILD] = "1"
+        sys.path[:] = request["path"]
+        for name in [m for m in sys.modules if m.split(".")[0] in PROJECT_PACKAGES]:
+            del sys.modules[name]
+        import random
+
+        random.seed()
+        _watch_client(conn)
+        code = _run_module(request["module"], request["argv"])
+    except BaseException:  # noqa: BLE001  (the child must never return into the server's loop)
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _watch_client(conn: socket.socket) -> None:
+    """Kill this child when the command it serves is gone (SIGKILL cannot be forwarded)."""
+    import threading
+
+    def watch():
+        try:
+            while conn.recv(1):
+                pass
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="stage-server-watch").start()
+
+
+def _run_module(module: str, argv: list[str]) -> int:
+    """`python -m module argv...` in this process: the exit code a normal run would have."""
+    import atexit
+    import runpy
+    import traceback
+
+    sys.argv = [module, *argv]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if stop.code is not None and not isinstance(stop.code, int):
+            print(stop.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # As CPython does on an uncaught KeyboardInterrupt: die by SIGINT, so the caller sees it.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        code = 130
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    return code
+
+
+class Server:
+    def __init__(self, path: str, idle: float):
+        self.path, self.idle = path, idle
+        self.children: dict[int, socket.socket] = {}
+        self.served, self.started = 0, time.time()
+        self.last = time.time()
+
+    def preload(self) -> None:
+        import importlib
+        import warnings
+
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
+        import matplotlib
+
+        matplotlib.use("Agg")  # headless, as the report stage sets it
+        for name in PRELOAD:
+            try:
+                importlib.import_module(name)
+            except ImportError as err:  # an optional library missing only costs its children the import
+                print(f"stage server: not preloaded: {name} ({err})", file=sys.stderr)
+        leaked = [m for m in sys.modules if m.split(".")[0] in PROJECT_PACKAGES and m != "stages" and m != __name__]
+        if leaked:
+            raise RuntimeError(f"stage server: project modules imported before forking: {leaked}")
+
+    def serve(self) -> None:
+        import selectors
+
+        if os.path.exists(self.path):
+            os.unlink(self.path)  # stale: a live server would have answered `start`
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        os.chmod(self.path, 0o600)
+        listener.listen(64)
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        stopping = []
+        signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ, "accept")
+        sel.register(wake_r, selectors.EVENT_READ, "signal")
+        print(f"stage server {os.getpid()} listening on {self.path}", file=sys.stderr, flush=True)
+        try:
+            while not stopping:
+                for key, _ in sel.select(timeout=5.0):
+                    if key.data == "accept":
+                        conn, _ = listener.accept()
+                        if self._accept(conn, listener) == "stop":
+                            stopping.append(True)
+                    else:
+                        os.read(wake_r, 512)
+                self._reap()
+                if not self.children and time.time() - self.last > self.idle:
+                    print(f"stage server {os.getpid()}: idle for {self.idle:.0f} s, exiting", file=sys.stderr, flush=True)
+                    break
+        finally:
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+
+    def _accept(self, conn: socket.socket, listener: socket.socket):
+        self.last = time.time()
+        try:
+            request, fds = _recv_with_fds(conn)
+        except (OSError, EOFError, ValueError) as err:
+            print(f"stage server: bad request ({err})", file=sys.stderr, flush=True)
+            conn.close()
+            return None
+        if request.get("cmd") != "run":
+            for fd in fds:
+                os.close(fd)
+            _send(conn, {"pid": os.getpid(), "served": self.served, "running": len(self.children),
+                         "uptime_s": round(time.time() - self.started, 1), "socket": self.path})
+            conn.close()
+            return request.get("cmd")
+        if len(fds) != 3:
+            conn.close()
+            return None
+        pid = os.fork()
+        if pid == 0:
+            for other in [listener, *self.children.values()]:  # the server's, not the child's
+                other.close()
+            _run_child(conn, request, fds)  # never returns
+        for fd in fds:
+            os.close(fd)
+        self.children[pid] = conn
+        self.served += 1
+        try:
+            _send(conn, {"pid": pid})
+        except OSError:
+            pass  # the command is gone already: its child will notice and end
+        return None
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self.children.pop(pid, None)
+            if conn is None:
+                continue
+            done = {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {"code": os.WEXITSTATUS(status)}
+            try:
+                _send(conn, done)
+            except OSError:
+                pass
+            conn.close()
+            self.last = time.time()
+
+
+def _ask(cmd: str) -> dict | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    try:
+        sock.connect(socket_path())
+        _send(sock, {"cmd": cmd}, [0, 1, 2])  # fds keep one message format; the server closes them
+        return _recv(sock)
+    except (OSError, EOFError, ValueError):
+        return None
+    finally:
+        sock.close()
+
+
+def start(idle: float, wait: float) -> int:
+    """Start a detached server for this venv unless one answers; wait until it listens."""
+    import subprocess
+
+    info = _ask("status")
+    if info:
+        print(f"stage server {info['pid']} already running ({info['socket']})")
+        return 0
+    path = socket_path()
+    log = path.removesuffix(".sock") + ".log"
+    with open(log, "ab") as out:
+        subprocess.Popen([sys.executable, "-m", "stages.server", "serve", "--idle", str(idle)], stdin=subprocess.DEVNULL,
+                         stdout=out, stderr=out, start_new_session=True, cwd="/",
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    deadline = time.time() + wait
+    while time.time() < deadline:
+        info = _ask("status")
+        if info:
+            print(f"stage server {info['pid']} started ({path}; log {log})")
+            return 0
+        time.sleep(0.2)
+    print(f"stage server: not answering after {wait:.0f} s (see {log}); stages run as normal processes", file=sys.stderr)
+    return 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m stages.server", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=("start", "status", "stop", "serve"))
+    ap.add_argument("--idle", type=float, default=600.0, help="exit after this many seconds without a stage (default 600)")
+    ap.add_argument("--wait", type=float, default=60.0, help="start: seconds to wait for the server to listen")
+    args = ap.parse_args(argv)
+    if args.command == "start":
+        return start(args.idle, args.wait)
+    if args.command == "serve":
+        server = Server(socket_path(), args.idle)
+        server.preload()
+        server.serve()
+        return 0
+    info = _ask(args.command)
+    if info is None:
+        print("no stage server running for this venv")
+        return 1 if args.command == "status" else 0
+    print(json.dumps(info) if args.command == "status" else f"stage server {info['pid']} stopping")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Behaviour, not ranges: these fail when the codec or the task-aware training is broken.
+
+A small fixed fixture (1000 Fashion-MNIST images, a few hundred optimiser steps per model) that trains in
+seconds; every rate is counted from real bitstreams."""
+import numpy as np
+import pytest
+import torch
+
+from tactic.config import merged, parse_params
+from tactic.data import batches
+from tactic.data.prepared import load_split
+from tactic.experiment import evaluate_run, pretrain_codec, train_task
+from tactic.grid import Run
+from tactic.metrics import psnr
+from tactic.models.codec import TacticCodec
+from tactic.system import load_codec
+
+from conftest import TINY
+
+LOW, HIGH = 0.03, 0.3  # rate weights: a mid and a low rate operating point of the default profile
+LEARN = merged(TINY, {
+    "betas": [LOW, HIGH],
+    "prepare": {"train_size": 1000, "val_size": 200, "test_size": 400},
+    "model": {"codec": {"N": 16, "M": 8}, "task": {"width": 16}},
+    "pretrain": {"epochs": 4, "batch_size": 16},
+    "train": {"epochs": 3, "batch_size": 16},
+})
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def learn(tmp_path_factory, fmnist_root):
+    """Prepared data and the codecs pre-trained at both rate weights."""
+    from tactic.data.prepare import prepare
+
+    p = parse_params(LEARN)
+    root = tmp_path_factory.mktemp("learn")
+    data, models = root / "prepared", root / "models"
+    prepare(p.prepare, data)
+    for beta in p.betas:
+        pretrain_codec(p, Run("pretrain", 0, beta=beta), data, models)
+    return p, data, models
+
+
+def _real_bpp_and_psnr(codec, data):
+    test = load_split(data, "test")
+    bits, db, n = 0, 0.0, 0
+    with torch.no_grad():
+        for x, _ in batches(test, 100, "cpu"):
+            enc = codec.compress(x)
+            bits += 8 * sum(len(s) for s in enc["strings"][0])
+            db += float(psnr(codec.decompress(enc["strings"], enc["shape"])["x_hat"], x).sum())
+            n += len(x)
+    h, w = test.images.shape[1:3]
+    return bits / (n * h * w), db / n
+
+
+def test_larger_beta_lowers_the_real_rate_and_psnr_beats_the_mean_image(learn):
+    p, data, models = learn
+    low = _real_bpp_and_psnr(load_codec(models / Run("pretrain", 0, beta=LOW).key / "model.pt")[0], data)
+    high = _real_bpp_and_psnr(load_codec(models / Run("pretrain", 0, beta=HIGH).key / "model.pt")[0], data)
+    assert high[0] < 0.8 * low[0], (low, high)  # bpp
+    test = torch.from_numpy(np.asarray(load_split(data, "test").images, np.float32) / 255)
+    mean_image = test.mean(0, keepdim=True).expand_as(test)
+    mean_psnr = float(psnr(mean_image.flatten(1), test.flatten(1)).mean())  # ~11 dB on Fashion-MNIST
+    assert high[1] > mean_psnr + 2 and low[1] > high[1], (mean_psnr, low, high)
+
+
+def test_aware_beats_agnostic_at_a_high_beta(learn):
+    """At the low-rate point the frozen rate-distortion codec keeps too little for the classifier;
+    the task-aware codec spends its bits on what the task needs (the paper's finding)."""
+    p, data, models = learn
+    accuracy = {}
+    for mode in ("agnostic", "aware"):
+        run = Run(mode, 0, beta=HIGH)
+        train_task(p, run, data, models)
+        row = evaluate_run(p, run, data, models, "cpu")
+        accuracy[mode] = row["accuracy"]
+    assert accuracy["aware"] > accuracy["agnostic"] + 0.03, accuracy
+
+
+@pytest.mark.parametrize("arch", ["tactic", "hyperprior"])
+def test_training_reconstruction_is_the_rounded_one_of_test_time(arch):
+    """Straight-through quantisation: in training the decoder (and the task net behind it) sees exactly
+    the reconstruction the bitstream decodes to at test time, while the rate still uses noisy latents."""
+    from tactic.models.hyperprior import Hyperprior
+
+    torch.manual_seed(0)
+    codec = TacticCodec(1, 8, 4) if arch == "tactic" else Hyperprior(1, 1, N=8, M=8)
+    x = torch.rand(2, 1, 64, 64, requires_grad=True)
+    codec.train()
+    trained = codec(x)
+    trained["x_hat"].sum().backward()
+    assert x.grad.abs().sum() > 0  # gradients pass the rounding
+    codec.eval()
+    with torch.no_grad():
+        tested = codec(x)
+    assert torch.allclose(trained["x_hat"], tested["x_hat"], atol=1e-6)
+    assert not torch.allclose(trained["likelihoods"]["y"], tested["likelihoods"]["y"])  # rate from noise
+    codec.quantizer = "noise"  # the paper's proxy, kept as an option: training sees noisy latents
+    codec.train()
+    assert not torch.allclose(codec(x)["x_hat"], tested["x_hat"], atol=1e-4)
