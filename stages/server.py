@@ -380,6 +380,9 @@ def start(idle: float, wait: float) -> int:
         subprocess.Popen([sys.executable, "-m", "stages.server", "serve", "--idle", str(idle)], stdin=subprocess.DEVNULL,
                          stdout=out, stderr=out, start_new_session=True, cwd="/",
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    if wait <= 0:  # the caller goes on: stages that start before the server listens run as normal processes
+        print(f"stage server starting in the background (log {log})")
+        return 0
     deadline = time.time() + wait
     while time.time() < deadline:
         info = _ask("status")
@@ -396,7 +399,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=("start", "status", "stop", "serve"))
     ap.add_argument("--idle", type=float, default=600.0, help="exit after this many seconds without a stage (default 600)")
-    ap.add_argument("--wait", type=float, default=60.0, help="start: seconds to wait for the server to listen")
+    ap.add_argument("--wait", type=float, default=60.0, help="start: seconds to wait for the server to listen (0: do not wait)")
     args = ap.parse_args(argv)
     if args.command == "start":
         return start(args.idle, args.wait)

@@ -59,6 +59,8 @@ class CodecParams(_Block):
     # of a real bitstream with a straight-through gradient, or "noise", the paper's uniform-noise proxy.
     # The rate term uses the noise proxy in both. Also the hyperprior's pixel decoder (latent modes).
     quantizer: Literal["ste", "noise"] = "ste"
+    # The paper ends the encoder with a ReLU (y >= 0); off by default: it lets the codec die (see TacticCodec).
+    latent_relu: bool = False
 
 
 class TaskParams(_Block):
@@ -93,7 +95,7 @@ class PretrainParams(OptimParams):
 
 class TrainParams(OptimParams):
     lmbda_d: float = Field(1.0, ge=0)  # distortion (MSE) weight of the aware mode
-    alpha: float = Field(0.1, ge=0)  # task-loss weight of the aware mode
+    alpha: float = Field(0.3, ge=0)  # task-loss weight of the aware mode
     gamma: float = Field(1.0, ge=0)  # segmentation: L_T = weighted cross-entropy + gamma * Dice
     class_weights: Optional[list[PositiveFloat]] = None  # segmentation: cross-entropy weight per class
     codec_lr: PositiveFloat = 1e-3  # aware mode: the codec is fine-tuned from its rate-distortion start
@@ -151,7 +153,7 @@ class ReportParams(_Block):
 
 class Params(_Block):
     seeds: list[int] = [0, 1, 2]
-    betas: list[NonNegativeFloat] = [0.0005, 0.004, 0.032]
+    betas: list[NonNegativeFloat] = [0.02, 0.1, 0.4, 2.0]
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Optional[PositiveInt] = None  # torch intra-op threads; default: all cores
     prepare: PrepareParams = PrepareParams()

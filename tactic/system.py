@@ -70,7 +70,8 @@ class System(nn.Module):
 def build_codec(p: Params, in_channels: int):
     from tactic.models.codec import TacticCodec  # imports CompressAI: only where a codec is needed
 
-    return TacticCodec(in_channels, p.model.codec.N, p.model.codec.M, p.model.codec.quantizer)
+    c = p.model.codec
+    return TacticCodec(in_channels, c.N, c.M, c.quantizer, c.latent_relu)
 
 
 def codec_from_config(config: dict):
