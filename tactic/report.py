@@ -181,7 +181,8 @@ def headline(summary: dict, field: str = "accuracy") -> str:
     for key, label, fmt in rows:
         if key not in summary:
             continue
-        value, scale = summary[key], 100 if key.startswith(("bd_", "jpeg_min_rate_", "aware_" + field, "agnostic_" + field)) else 1
+        # BD-accuracy is stored in points already; accuracies as fractions; rates and ratios as they are.
+        value, scale = summary[key], 100 if key.startswith(("jpeg_min_rate_", "aware_" + field, "agnostic_" + field)) else 1
         std = summary.get(f"{key}_seed_std")
         note = summary.get(f"{key}_note", "")
         if f"{key}_seeds_left_out" in summary:

@@ -89,3 +89,15 @@ def test_codecs_load_without_compressais_point_cloud_stack():
               "print('torch_geometric' in sys.modules, 'torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_latent_relu_is_the_papers_option():
+    x = torch.rand(2, 1, 16, 16) - 0.5
+    torch.manual_seed(0)
+    paper = TacticCodec(1, 8, 4, latent_relu=True)
+    torch.manual_seed(0)
+    default = TacticCodec(1, 8, 4)
+    assert (paper.g_a(x) >= 0).all() and (default.g_a(x) < 0).any()  # the default lets y go negative
+    assert TacticCodec(**paper.config).latent_relu and not TacticCodec(**default.config).latent_relu  # saved with the model
+    with pytest.raises(ValueError, match="quantizer must be one of"):
+        TacticCodec(1, 8, 4, quantizer="round")

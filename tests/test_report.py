@@ -91,4 +91,8 @@ def test_matched_rate_figures_and_seeds_left_out():
     left_out = s["bd_accuracy_aware_vs_agnostic_seeds_left_out"]
     assert list(left_out) == ["1"] and "do not overlap" in left_out["1"]
     assert "bd_accuracy_aware_vs_agnostic_seed_std" not in s  # one seed left: no spread to claim
-    assert "seeds left out: 1 (" in headline(s)
+    text = headline(s)
+    assert "seeds left out: 1 (" in text
+    bd = s["bd_accuracy_aware_vs_agnostic"]
+    assert f"| BD-accuracy aware vs agnostic (points) | {bd:.2f} |" in text  # points, as stored (not scaled again)
+    assert "| JPEG's accuracy there (%) | 61.00 | ± 1.41 |" in text
