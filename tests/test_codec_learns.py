@@ -64,7 +64,8 @@ def test_larger_beta_lowers_the_real_rate_and_psnr_beats_the_mean_image(learn):
     test = torch.from_numpy(np.asarray(load_split(data, "test").images, np.float32) / 255)
     mean_image = test.mean(0, keepdim=True).expand_as(test)
     mean_psnr = float(psnr(mean_image.flatten(1), test.flatten(1)).mean())  # ~11 dB on Fashion-MNIST
-    assert high[1] > mean_psnr + 2 and low[1] > high[1], (mean_psnr, low, high)
+    # A collapsed codec decodes one constant image (~9.8 dB here), below the mean image.
+    assert low[1] > mean_psnr + 4 and high[1] > mean_psnr + 1 and low[1] > high[1], (mean_psnr, low, high)
 
 
 def test_aware_beats_agnostic_at_a_high_beta(learn):

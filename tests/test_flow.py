@@ -60,7 +60,7 @@ def test_stage_graph_matches_dvc_yaml(tmp_path, extra):
     order = list(graph)
     assert all(order.index(n) < order.index(s) for s, needs in graph.items() for n in needs)
     if not extra:
-        assert graph["train_aware@0.004-1"] == ["prepare", "pretrain@0.004-1"]
+        assert graph["train_aware@0.1-1"] == ["prepare", "pretrain@0.1-1"]
     elif extra is LATENT_RUN:
         assert graph["train_latent_joint@1-0"] == ["prepare", "pretrain_hyperprior@1-0"] and "train_aware@0.004-0" not in graph
     else:

@@ -23,7 +23,7 @@ def _models_with_codec(codec_models, dest):
 
 
 def test_interrupted_training_resumes_to_the_same_model(tiny_params, prepared, codec_models, tmp_path, monkeypatch):
-    run = Run("aware", 0, beta=0.004)
+    run = Run("aware", 0, beta=0.03)
     ref_models = _models_with_codec(codec_models, tmp_path / "ref" / "models")
     train_task(tiny_params, run, prepared, ref_models)
     reference = torch.load(ref_models / run.key / "model.pt", weights_only=False)
@@ -67,7 +67,7 @@ def test_stale_checkpoint_is_not_resumed(tiny_params, prepared, tmp_path, capsys
     assert (models / run.key / "model.pt").exists()
 
 
-@pytest.mark.parametrize("mode, point", [("uncompressed", {}), ("jpeg", {"quality": 5}), ("agnostic", {"beta": 0.032})])
+@pytest.mark.parametrize("mode, point", [("uncompressed", {}), ("jpeg", {"quality": 5}), ("agnostic", {"beta": 0.3})])
 def test_modes_train_evaluate_and_log(tiny_params, prepared, codec_models, tmp_path, mode, point):
     run = Run(mode, 0, **point)
     models = _models_with_codec(codec_models, tmp_path / "models")
@@ -88,7 +88,7 @@ def test_modes_train_evaluate_and_log(tiny_params, prepared, codec_models, tmp_p
 
 
 def test_agnostic_keeps_the_codec_frozen(tiny_params, prepared, codec_models, tmp_path):
-    run = Run("agnostic", 0, beta=0.004)
+    run = Run("agnostic", 0, beta=0.03)
     models = _models_with_codec(codec_models, tmp_path / "models")
     train_task(tiny_params, run, prepared, models)
     before = torch.load(models / run.codec_run.key / "model.pt", weights_only=False)["codec"]["state"]
