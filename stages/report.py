@@ -24,11 +24,10 @@ def main(argv=None):
     with tracking.start_run("report", "report", {"stage": "report", "num_runs": len(rows)}):
         summary = write_report(rows, args.out, p.report.title, p.prepare.dataset)
         tracking.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        for name in ("rate_accuracy.png", "table.md", "summary.json", "points.csv"):
+        for name in ("rate_accuracy.png", "table.md", "summary.md", "summary.json", "points.csv"):
             tracking.log_artifact(args.out / name)
     print((args.out / "table.md").read_text())
-    for k, v in summary.items():
-        print(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}")
+    print((args.out / "summary.md").read_text())  # every figure of summary.json, with its spread and notes
     print(f"plot: {(args.out / 'rate_accuracy.png').resolve()}")
 
 

@@ -76,7 +76,7 @@ def bd_rate(rate_a, acc_a, rate_b, acc_b, samples: int = 1000) -> float:
     (ra, aa), (rb, ab) = _curve(rate_a, acc_a), _curve(rate_b, acc_b)
     lo, hi = max(aa[0], ab[0]), min(aa.max(), ab.max())
     if hi <= lo:
-        raise ValueError(f"accuracy ranges do not overlap: [{aa[0]:.3g}, {aa.max():.3g}] and [{ab[0]:.3g}, {ab.max():.3g}]")
+        raise ValueError(f"score ranges (accuracy, mIoU) do not overlap: [{aa[0]:.3g}, {aa.max():.3g}] and [{ab[0]:.3g}, {ab.max():.3g}]")
     grid = np.linspace(lo, hi, samples)
     diff = [_first_crossing(rb, ab, a) - _first_crossing(ra, aa, a) for a in grid]
     return float(100 * (10 ** np.mean(diff) - 1))

@@ -57,7 +57,9 @@ def comparisons(points: list[dict], field: str = "accuracy") -> tuple[dict, dict
     - jpeg_min_rate, jpeg_min_rate_<field>: that point;
     - <mode>_<field>_at_jpeg_min_rate: the best accuracy a codec mode reaches with no more bits;
     - <mode>_rate_for_jpeg_min_<field>[_within_1pt]: the lowest rate at which it reaches JPEG's
-      accuracy there (or comes within 1 point of it), and `_ratio`, that rate over JPEG's.
+      accuracy there (or comes within 1 point of it), and `_ratio`, that rate over JPEG's;
+    - jpeg_min_rate_psnr, <mode>_psnr_at_jpeg_min_rate: reconstruction quality at that rate
+      (interpolated in log rate between a mode's points; None outside them).
     """
     out, notes = {}, {}
 
@@ -79,7 +81,16 @@ def comparisons(points: list[dict], field: str = "accuracy") -> tuple[dict, dict
         return out, notes
     cheapest = min(jpeg, key=lambda p: p["bpp"])
     out["jpeg_min_rate"], out[f"jpeg_min_rate_{field}"] = cheapest["bpp"], cheapest[field]
+    if field == "accuracy" and cheapest.get("psnr") is not None:
+        out["jpeg_min_rate_psnr"] = cheapest["psnr"]
     for mode in ("aware", "agnostic"):
+        if field == "accuracy":
+            key = f"{mode}_psnr_at_jpeg_min_rate"
+            rate, db = _curve(points, mode, "psnr")
+            inside = len(rate) > 1 and rate[0] <= cheapest["bpp"] <= rate[-1]
+            out[key] = float(np.interp(np.log10(cheapest["bpp"]), np.log10(rate), db)) if inside else None
+            if not inside:
+                notes[key] = f"{mode}'s points do not span JPEG's lowest rate ({cheapest['bpp']:.3g} bpp)"
         curve = _curve(points, mode, field)
         key = f"{mode}_{field}_at_jpeg_min_rate"
         put(key, accuracy_at_rate, *curve, cheapest["bpp"])
@@ -91,6 +102,8 @@ def comparisons(points: list[dict], field: str = "accuracy") -> tuple[dict, dict
             if out[key] is None and key not in notes:
                 notes[key] = f"{mode} never reaches {scale * target:.2f} % (its best: {scale * max(curve[1]):.2f} %)"
             out[f"{key}_ratio"] = None if out[key] is None else out[key] / cheapest["bpp"]
+            if key in notes:
+                notes[f"{key}_ratio"] = notes[key]
     return out, notes
 
 
@@ -169,12 +182,16 @@ def headline(summary: dict, field: str = "accuracy") -> str:
     """The comparisons of `bd_summary` as a markdown table: figure, value on the seed-mean curves,
     spread over seeds, and the reason where a figure is missing or a seed was left out."""
     name = {"accuracy": "accuracy", "miou": "mIoU"}[field]
-    rows = [(f"bd_{field}_{m}_vs_{r}", f"BD-{name} {m} vs {r} (points)", ".2f") for m, r in PAIRS]
+    rows = [(f"uncompressed_{field}", f"uncompressed {name} (%)", ".2f")]
+    rows += [(f"bd_{field}_{m}_vs_{r}", f"BD-{name} {m} vs {r} (points)", ".2f") for m, r in PAIRS]
     rows += [(f"bdrate_{field}_{m}_vs_{r}", f"BD-rate {m} vs {r} at equal {name} (%)", ".1f") for m, r in PAIRS]
     rows += [("jpeg_min_rate", "JPEG's lowest rate (bpp)", ".3f"),
             (f"jpeg_min_rate_{field}", f"JPEG's {name} there (%)", ".2f"),
             (f"aware_{field}_at_jpeg_min_rate", f"aware's best {name} at or below that rate (%)", ".2f"),
             (f"agnostic_{field}_at_jpeg_min_rate", f"agnostic's best {name} at or below that rate (%)", ".2f"),
+            ("jpeg_min_rate_psnr", "JPEG's PSNR there (dB)", ".2f"),
+            ("agnostic_psnr_at_jpeg_min_rate", "agnostic's PSNR at that rate (dB)", ".2f"),
+            ("aware_psnr_at_jpeg_min_rate", "aware's PSNR at that rate (dB)", ".2f"),
             (f"aware_rate_for_jpeg_min_{field}_ratio", f"aware's rate to reach JPEG's lowest-rate {name}, / JPEG's rate", ".2f"),
             (f"aware_rate_for_jpeg_min_{field}_within_1pt_ratio", "... to come within 1 point of it, / JPEG's rate", ".2f")]
     lines = ["| figure | value | spread over seeds | note |", "|---|---|---|---|"]
@@ -182,7 +199,7 @@ def headline(summary: dict, field: str = "accuracy") -> str:
         if key not in summary:
             continue
         # BD-accuracy is stored in points already; accuracies as fractions; rates and ratios as they are.
-        value, scale = summary[key], 100 if key.startswith(("jpeg_min_rate_", "aware_" + field, "agnostic_" + field)) else 1
+        value, scale = summary[key], 100 if key.startswith(("uncompressed_", "jpeg_min_rate_" + field, "aware_" + field, "agnostic_" + field)) else 1
         std = summary.get(f"{key}_seed_std")
         note = summary.get(f"{key}_note", "")
         if f"{key}_seeds_left_out" in summary:

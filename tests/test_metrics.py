@@ -47,7 +47,7 @@ def test_bd_rate_of_a_curve_shifted_in_rate():
     rb = [r / 2 for r in ra]
     assert bd_rate(ra, acc, rb, acc) == pytest.approx(-50.0, abs=1e-6)
     assert bd_rate(rb, acc, ra, acc) == pytest.approx(100.0, abs=1e-6)
-    with pytest.raises(ValueError, match="accuracy ranges do not overlap"):
+    with pytest.raises(ValueError, match="score ranges .* do not overlap"):
         bd_rate(ra, acc, rb, [a + 0.5 for a in acc])
 
 

@@ -88,6 +88,8 @@ def test_matched_rate_figures_and_seeds_left_out():
     assert s["agnostic_rate_for_jpeg_min_accuracy"] > 0.5  # needs more bits than JPEG for JPEG's accuracy
     assert s["agnostic_rate_for_jpeg_min_accuracy_within_1pt_ratio"] == pytest.approx(
         s["agnostic_rate_for_jpeg_min_accuracy_within_1pt"] / 0.5)
+    assert s["jpeg_min_rate_psnr"] == 20.0 and s["agnostic_psnr_at_jpeg_min_rate"] == pytest.approx(18.0)
+    assert "do not span JPEG's lowest rate" in s["aware_psnr_at_jpeg_min_rate_seeds_left_out"]["1"]
     left_out = s["bd_accuracy_aware_vs_agnostic_seeds_left_out"]
     assert list(left_out) == ["1"] and "do not overlap" in left_out["1"]
     assert "bd_accuracy_aware_vs_agnostic_seed_std" not in s  # one seed left: no spread to claim
