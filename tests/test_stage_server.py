@@ -1,0 +1,87 @@
+"""The stage server runs stage commands in forks of one preloaded process: same output, same exit
+status, signals forwarded, and a command killed outright takes its child with it."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, TINY
+
+SLEEPER = """from stages.server import handoff
+
+handoff(__name__)
+
+import os, sys, time
+print(os.getpid(), os.getppid(), flush=True)
+time.sleep(float(sys.argv[1]))
+"""
+
+
+@pytest.fixture(scope="module")
+def server():
+    # A short private folder: the socket lives there (Unix socket paths are limited to ~100 bytes).
+    home = Path(tempfile.mkdtemp(prefix="tss", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "TACTIC_STAGE_SERVER")}
+    env.update(TMPDIR=str(home), PYTHONPATH=str(REPO))
+    (home / "sleeper.py").write_text(SLEEPER)
+    started = subprocess.run([sys.executable, "-m", "stages.server", "start", "--wait", "120", "--idle", "120"], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=150)
+    assert started.returncode == 0 and "started" in started.stdout, started.stdout + started.stderr
+    yield env, home
+    subprocess.run([sys.executable, "-m", "stages.server", "stop"], cwd=REPO, env=env, timeout=30)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _served(env) -> int:
+    out = subprocess.run([sys.executable, "-m", "stages.server", "status"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+    return yaml.safe_load(out.stdout)["served"]
+
+
+@pytest.mark.slow
+def test_a_stage_runs_in_the_server_with_its_own_output_and_exit_status(server, tmp_path):
+    env, _ = server
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump({**TINY, "train": {"epochs": 0}}))
+    before = _served(env)
+    out = subprocess.run([sys.executable, "-m", "stages.train", "uncompressed", "--seed", "0", "--params", str(bad)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "train.epochs: Input should be greater than 0" in out.stderr, out.stderr
+    assert _served(env) == before + 1  # it ran in a fork of the server, not as a process of its own
+    off = subprocess.run([sys.executable, "-m", "stages.train", "uncompressed", "--seed", "0", "--params", str(bad)],
+                         cwd=tmp_path, env={**env, "TACTIC_STAGE_SERVER": "0"}, capture_output=True, text=True, timeout=120)
+    assert (off.returncode, off.stderr) == (out.returncode, out.stderr) and _served(env) == before + 1
+
+
+@pytest.mark.slow
+def test_signals_reach_the_served_child_and_a_killed_command_takes_it_along(server):
+    env, home = server
+    for how in (signal.SIGTERM, signal.SIGKILL):
+        cmd = subprocess.Popen([sys.executable, "-m", "sleeper", "60"], cwd=home, env=env, stdout=subprocess.PIPE, text=True)
+        child, parent = map(int, cmd.stdout.readline().split())
+        assert child != cmd.pid and parent != cmd.pid  # forked by the server
+        cmd.send_signal(how)
+        assert cmd.wait(timeout=30) == -how  # the command ends as the child did (or as it was killed)
+        deadline = time.time() + 15
+        while time.time() < deadline and _alive(child):
+            time.sleep(0.2)
+        assert not _alive(child), f"served child {child} outlived its command ({how.name})"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie waiting for the server to reap it is gone for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
