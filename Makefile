@@ -27,11 +27,11 @@ test: setup data
 	@$(PY) -m stages.server start --wait 0
 	$(PY) -m pytest -n 2 --dist loadgroup
 
-# Start a local Prefect server (if none answers) and serve the deployment tactic/full.
+# Start a local Prefect server (if none answers; detached, log in .prefect/server.log) and serve
+# the deployment tactic/full.
 serve: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
 serve: setup data dvc-init
-	@$(PY) -c "import urllib.request as u; u.urlopen('$$PREFECT_API_URL/health', timeout=3)" 2>/dev/null \
-	  || prefect server start --background
+	$(PY) -m pipeline.server start
 	python -m pipeline.serve
 
 setup: $(STAMP)

@@ -70,7 +70,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--profiles", default="smoke", help="comma-separated profiles for (d); 'default' takes ~11 min")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="tso", dir="/tmp") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tso", dir="/tmp", ignore_cleanup_errors=True) as tmp:  # the server may still log
         tmp = Path(tmp)
         env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "TACTIC_STAGE_SERVER")}
         env.update(PATH=f"{BIN}:{os.environ['PATH']}", TMPDIR=str(tmp), MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/noop.db",

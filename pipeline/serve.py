@@ -1,6 +1,6 @@
 """Register and serve the deployment `tactic/full`; runs triggered from the CLI or UI execute here.
 
-    prefect server start                     # in another terminal; UI at http://127.0.0.1:4200
+    python -m pipeline.server start          # a local Prefect server, detached; UI at http://127.0.0.1:4200
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     python -m pipeline.serve [--workers N | --dask-address tcp://scheduler:8786]
     prefect deployment run tactic/full --param profile=smoke --watch

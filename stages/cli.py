@@ -20,9 +20,13 @@ def run(main) -> None:
     """Run a stage's main(); expected failures (bad params, missing data) print one clear line, no traceback."""
     from tactic.data.errors import DatasetError
     from tactic.data.prepared import PreparedDataError
+    from tactic.train import DivergenceError
 
     try:
         main()
     except (ParamsError, DatasetError, PreparedDataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except DivergenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(3)

@@ -56,7 +56,7 @@ def _train(p: Params, run: Run, system: System, loss_fn: TacticLoss, optim, cfg,
         train, val = splits() if splits else (load_split(data, "train"), load_split(data, "val"))
         history = fit(system, loss_fn, optim, train, val, cfg, run.seed, device, ckpt_path, config_id,
                       log=tracking.log_metrics, transform=transform, state=state,
-                      extra={"mlflow_run_id": mlrun.info.run_id})
+                      extra={"mlflow_run_id": mlrun.info.run_id}, name=run.stage)
         tracking.log_metrics({"train_seconds": time.perf_counter() - t0})
         save_system(models / run.key / "model.pt", saved, run.key, {"history": history, "mlflow_run_id": mlrun.info.run_id})
     ckpt_path.unlink(missing_ok=True)

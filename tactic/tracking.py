@@ -7,6 +7,7 @@ A stage launched by a flow finds the flow's parent run in `TACTIC_PARENT_RUN_ID`
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -51,14 +52,23 @@ def start_run(name: str, stage: str | None, params: dict, run_id: str | None = N
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else name, tags=tags) as run:
         if run_id is None:
             mlflow.log_params(params)
-        yield run
+        try:
+            yield run
+        except BaseException as err:  # the run ends FAILED (KILLED on Ctrl-C); say why where users look
+            mlflow.set_tag("failure_reason", f"{type(err).__name__}: {err}"[:5000])
+            raise
 
 
 def log_metrics(metrics: dict, step: int | None = None) -> None:
     import mlflow
 
-    clean = {k: float(v) for k, v in metrics.items() if v is not None and v == v and abs(float(v)) != float("inf")}
-    mlflow.log_metrics(clean, step=step)
+    values = {k: float(v) for k, v in metrics.items() if v is not None}
+    finite = {k: v for k, v in values.items() if math.isfinite(v)}
+    mlflow.log_metrics(finite, step=step)
+    # MLflow stores NaN but its UI and search drop it: a non-finite value is a tag too, never lost.
+    for k, v in values.items():
+        if k not in finite:
+            mlflow.set_tag(f"nonfinite.{k}", f"{v} at step {step}")
 
 
 def log_artifact(path: str | Path) -> None:

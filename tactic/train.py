@@ -25,6 +25,28 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or gradient: stopped before any checkpoint holds it."""
+
+
+# What a user calls each loss part in an error message.
+_PART_NAMES = {"mse_loss": "mse", "task_loss": "task", "bpp_loss": "bpp", "xe_loss": "task (cross-entropy)",
+               "dice_loss": "task (Dice)"}
+
+
+def _check_finite(parts: dict, grad_norm: torch.Tensor, name: str, epoch: int, step: int) -> None:
+    """Raise DivergenceError naming the run, epoch, step and the loss part that is not finite.
+
+    One check per step on values the loop has already computed (the loss and the total gradient
+    norm), so a divergence stops training within the step it happens."""
+    bad = {k: float(v.detach()) for k, v in parts.items() if k != "loss" and not torch.isfinite(v.detach()).all()}
+    if bad or not torch.isfinite(parts["loss"].detach()) or not torch.isfinite(grad_norm):
+        what = ", ".join(f"{_PART_NAMES.get(k, k)} loss = {v}" for k, v in bad.items()) or (
+            f"loss = {float(parts['loss'])}" if not torch.isfinite(parts["loss"].detach()) else f"gradient norm = {float(grad_norm)}")
+        raise DivergenceError(f"{name}: training diverged at epoch {epoch + 1}, step {step + 1}: {what} "
+                              "(try a lower learning rate: train.lr, pretrain.lr, train.codec_lr)")
+
+
 def make_optimizers(system: System, lr: float, codec_lr: Optional[float] = None, aux_lr: float = 1e-3):
     """Adam on the networks (the codec at its own rate) and, when the codec learns, a second Adam on
     the entropy model's quantiles driven by `aux_loss()` (CompressAI's recipe)."""
@@ -104,10 +126,13 @@ def fit(
     transform=None,
     state: Optional[dict] = None,
     extra: Optional[dict] = None,
+    name: str = "training",
 ) -> list[dict]:
     """Train for `cfg.epochs` from scratch, or from `state`, a checkpoint read by `load_checkpoint`.
 
-    `extra` (e.g. the MLflow run id) is stored in every checkpoint written.
+    `extra` (e.g. the MLflow run id) is stored in every checkpoint written. A non-finite loss or
+    gradient raises DivergenceError (naming `name`, the epoch, step and loss part) before the step's
+    update, so no checkpoint ever holds non-finite weights.
     """
     opt, aux_opt = optimizers
     history, start = [], 0
@@ -124,10 +149,13 @@ def fit(
         sums, n = defaultdict(float), 0
         # The shuffle depends on (seed, epoch) only, so a resumed run sees the batches it would have seen.
         it = batches(train, cfg.batch_size, device, seed * 10_000 + epoch, cfg.limit_batches, transform)
-        for x, y in tqdm(it, total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr, disable=None, leave=False):
+        params = [q for g in opt.param_groups for q in g["params"]]
+        for step, (x, y) in enumerate(tqdm(it, total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
+                                           disable=None, leave=False)):
             parts = loss_fn(system(x), x, y)
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
+            _check_finite(parts, torch.nn.utils.clip_grad_norm_(params, float("inf")), name, epoch, step)
             opt.step()
             if aux_opt is not None:
                 aux_opt.zero_grad(set_to_none=True)

@@ -133,19 +133,12 @@ def test_deployment_end_to_end(tmp_path, fmnist_root):
            "MLFLOW_TRACKING_URI": db, "PYTHONPATH": str(repo), "TACTIC_DASK_WORKERS": "2", "PYTHONUNBUFFERED": "1"}
     logs = tmp_path / "logs"
     logs.mkdir()
-    server = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], cwd=repo, env=env,
-                              stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     served = None
     try:
-        import urllib.request
-
-        def healthy():
-            try:
-                return urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).status == 200
-            except OSError:
-                return False
-
-        _wait_for(healthy, 120, "the Prefect server")
+        # The README's commands: the server (detached, log in .prefect/), then the deployment.
+        started = subprocess.run([sys.executable, "-m", "pipeline.server", "start"], cwd=repo, env=env, capture_output=True,
+                                 text=True, timeout=180)
+        assert started.returncode == 0, started.stdout + started.stderr
         served = subprocess.Popen([sys.executable, "-m", "pipeline.serve", "--workers", "2"], cwd=repo, env=env,
                                   stdout=open(logs / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
         _wait_for(lambda: subprocess.run([BIN / "prefect", "deployment", "inspect", "tactic/full"], env=env,
@@ -200,7 +193,7 @@ def test_deployment_end_to_end(tmp_path, fmnist_root):
         assert parent3["metrics.stages_ran"] == 0
 
     finally:
-        for proc in (served, server):
-            if proc is not None:
-                os.killpg(proc.pid, 15)
-                proc.wait(timeout=30)
+        if served is not None:
+            os.killpg(served.pid, 15)
+            served.wait(timeout=30)
+        subprocess.run([sys.executable, "-m", "pipeline.server", "stop"], cwd=repo, env=env, timeout=60)

@@ -94,3 +94,19 @@ def test_agnostic_keeps_the_codec_frozen(tiny_params, prepared, codec_models, tm
     before = torch.load(models / run.codec_run.key / "model.pt", weights_only=False)["codec"]["state"]
     after = torch.load(models / run.key / "model.pt", weights_only=False)["codec"]["state"]
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_divergence_stops_at_the_step_names_the_part_and_fails_the_run(tiny_params, prepared, codec_models, tmp_path):
+    from tactic.config import merged, parse_params
+    from tactic.train import DivergenceError
+
+    p = parse_params(merged(tiny_params.model_dump(), {"train": {"lr": 1e12, "codec_lr": 1e12}}))
+    run = Run("aware", 0, beta=0.03)
+    models = _models_with_codec(codec_models, tmp_path / "models")
+    with pytest.raises(DivergenceError, match=r"train_aware@0.03-0: training diverged at epoch 1, step \d+: .*(mse|task|bpp) loss = (nan|inf)"):
+        train_task(p, run, prepared, models)
+    assert not (models / run.key / "model.pt").exists()
+    assert not (models.parent / ".checkpoints" / run.key / "last.pt").exists()  # nothing non-finite kept
+    runs = mlflow.search_runs(experiment_names=["tactic"], filter_string="tags.dvc_stage = 'train_aware@0.03-0'")
+    diverged = runs[runs["tags.failure_reason"].fillna("").str.contains("training diverged")]
+    assert len(diverged) == 1 and diverged.iloc[0]["status"] == "FAILED"
