@@ -80,6 +80,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.workers:
         os.environ["TACTIC_DASK_WORKERS"] = str(args.workers)
+    from stages import server
+
+    server.start(idle=600, wait=0)  # stages fork from it instead of paying their imports (stages/server.py)
     tactic.with_options(task_runner=make_task_runner(args.dask_address, args.workers))(profile=args.profile)
 
 

@@ -1,5 +1,6 @@
 """The stage server runs stage commands in forks of one preloaded process: same output, same exit
 status, signals forwarded, and a command killed outright takes its child with it."""
+import json
 import os
 import shutil
 import signal
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, repo_params
+from tests.test_pipeline import _copy_repo
 
 SLEEPER = """from stages.server import handoff
 
@@ -85,3 +87,25 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.slow
+def test_results_are_the_same_with_and_without_the_server(server, tmp_path, fmnist_root):
+    """One operating point per mode through `dvc repro`, served and as processes of their own."""
+    env, _ = server
+    small = repo_params({**TINY, "betas": [0.3], "jpeg": {"qualities": [5]}})
+    results = {}
+    for how, extra in (("served", {}), ("own", {"TACTIC_STAGE_SERVER": "0"})):
+        repo = _copy_repo(tmp_path / how, small)
+        subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+        before = _served(env)
+        out = subprocess.run([Path(sys.executable).parent / "dvc", "repro"], cwd=repo, capture_output=True, text=True, timeout=900,
+                             env={**env, **extra, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                                  "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / how}.db"})
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        assert _served(env) - before == (8 if how == "served" else 0)  # every stage, or none, through the server
+        rows = json.loads((repo / "results/eval.json").read_text())
+        for row in rows:
+            row.pop("mlflow_run_id")  # the one field that names where it was logged
+        results[how] = ((repo / "results/table.md").read_text(), rows)
+    assert results["served"] == results["own"]
