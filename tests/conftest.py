@@ -32,8 +32,9 @@ TINY = {
 }
 
 
-# The two tests that run the pipeline through subprocesses, longest first.
-LONGEST = ("test_deployment_end_to_end", "test_dvc_repro_runs_the_grid_then_does_nothing")
+# The tests that run the pipeline through subprocesses, longest first.
+LONGEST = ("test_deployment_end_to_end", "test_results_are_the_same_with_and_without_the_server",
+           "test_dvc_repro_runs_the_grid_then_does_nothing")
 
 
 def pytest_collection_modifyitems(items):
