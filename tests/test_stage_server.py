@@ -18,6 +18,9 @@ from tactic.config import parse_params
 from tests.conftest import REPO, TINY, repo_params
 from tests.test_pipeline import _copy_repo
 
+# One worker runs them all (`--dist loadgroup`): the server's preload (~8 s) is paid once.
+pytestmark = pytest.mark.xdist_group("stage_server")
+
 SLEEPER = """from stages.server import handoff
 
 handoff(__name__)
