@@ -1,5 +1,7 @@
 """What every stage entry point shares: the params file option, validation first, clear errors."""
 import argparse
+import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -16,14 +18,28 @@ def parse(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, P
     return args, load_params(args.params)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception, so cleanup runs (temporaries removed, the MLflow run ended KILLED)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated("SIGTERM")
+
+
 def run(main) -> None:
-    """Run a stage's main(); expected failures (bad params, missing data) print one clear line, no traceback."""
+    """Run a stage's main(); expected failures (bad params, missing data, unusable files) print one
+    clear line, no traceback. SIGTERM unwinds like Ctrl-C, then ends the process by that signal."""
     from tactic.data.errors import DatasetError
     from tactic.data.prepared import PreparedDataError
     from tactic.train import DivergenceError
 
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
+    except Terminated:
+        print("terminated (SIGTERM): nothing half-written kept; training resumes from its last checkpoint", file=sys.stderr)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
     except (ParamsError, DatasetError, PreparedDataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

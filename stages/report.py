@@ -23,7 +23,8 @@ def main(argv=None):
     rows = json.loads(args.eval.read_text())
     with tracking.start_run("report", "report", {"stage": "report", "num_runs": len(rows)}):
         summary = write_report(rows, args.out, p.report.title, p.prepare.dataset)
-        tracking.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        tracking.log_metrics({**{k: v for k, v in summary.items() if isinstance(v, (int, float))},
+                              "num_runs_at_chance": len(summary["runs_at_chance"])})
         for name in ("rate_accuracy.png", "table.md", "summary.md", "summary.json", "points.csv"):
             tracking.log_artifact(args.out / name)
     print((args.out / "table.md").read_text())

@@ -192,6 +192,13 @@ class Params(_Block):
             raise ValueError("train.class_weights is for segmentation only")
         return self
 
+    def weight_files(self) -> dict[str, list[str]]:
+        """The files params name, by param: stages that read one depend on its hash (stage `weights`)."""
+        lat = self.latent
+        return {"model.task.weights": [self.model.task.weights] if self.model.task.weights else [],
+                "latent.weights": [lat.weights] if lat.weights and lat.qualities else [],
+                "latent.checkpoint": sorted({lat.checkpoint.format(quality=q) for q in lat.qualities}) if lat.checkpoint else []}
+
     @field_validator("seeds", "betas")
     @classmethod
     def _unique(cls, v, info):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from tactic import jpeg, tracking
+from tactic.io import BadFileError, sha256
 from tactic.config import Params
 from tactic.data import batches
 from tactic.data.prepared import Split, load_split, read_meta
@@ -27,6 +28,12 @@ from tactic.train import fingerprint, fit, load_checkpoint, make_optimizers
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
+
+
+def _digest(path: Optional[str]) -> Optional[str]:
+    """The hash of a file params name: in the run's params and checkpoint fingerprint, so new contents
+    under the same path never resume (or pass for) a run trained from the old ones."""
+    return sha256(Path(path))[:16] if path and Path(path).is_file() else None
 
 
 def _codec_name(codec) -> str:
@@ -95,7 +102,8 @@ def pretrain_hyperprior(p: Params, run: Run, data: Path, models: Path) -> dict:
     optim = make_optimizers(system, lat.pretrain.lr, aux_lr=lat.pretrain.aux_lr)
     loss = TacticLoss(lmbda_d=LMBDA[q] * 255**2, alpha=0.0, beta=1.0)
     return _train(p, run, system, loss, optim, lat.pretrain, data, models,
-                  {"lmbda": LMBDA[q], "N": codec.N, "M": codec.M, "codec_checkpoint": lat.checkpoint})
+                  {"lmbda": LMBDA[q], "N": codec.N, "M": codec.M, "codec_checkpoint": lat.checkpoint,
+                   "codec_checkpoint_sha256": _digest(lat.checkpoint and lat.checkpoint.format(quality=q))})
 
 
 def _coded_splits(codec, data: Path, what: str, batch_size: int, device, cache: Path):
@@ -136,10 +144,14 @@ def train_latent(p: Params, run: Run, data: Path, models: Path) -> dict:
     _seed_everything(run.seed)
     device = resolve_device(p)
     meta = read_meta(data)
-    codec = load_codec(models / run.codec_run.key / "model.pt", device)[0]
+    codec = load_codec(models / run.codec_run.key / "model.pt", device, f"the model of stage {run.codec_run.stage}")[0]
+    if codec.config.get("quality") != run.quality:
+        raise BadFileError(f"the model of stage {run.codec_run.stage}: {models / run.codec_run.key / 'model.pt'} holds "
+                           f"a codec of quality {codec.config.get('quality')}, not {run.quality} (re-run that stage)")
     cfg = p.latent.train
     task = build_task(p, meta, run.mode, codec.M)
-    run_params = {"codec_init": run.codec_run.key, "N": codec.N, "M": codec.M, "task_net": type(task).__name__}
+    run_params = {"codec_init": run.codec_run.key, "N": codec.N, "M": codec.M, "task_net": type(task).__name__,
+                  "weights_sha256": _digest(p.latent.weights)}
     if run.mode == "latent-joint":
         codec.quantizer = p.model.codec.quantizer
         system = System(codec, task, latent=True, decode=cfg.lmbda > 0).to(device)
@@ -170,12 +182,12 @@ def train_task(p: Params, run: Run, data: Path, models: Path) -> dict:
     task, codec, transform = build_task(p, meta), None, None
     task_loss = build_task_loss(p, meta)
     loss_fn = TacticLoss(lmbda_d=0.0, alpha=1.0, beta=0.0, task_loss=task_loss)
-    run_params = {}
+    run_params = {"weights_sha256": _digest(p.model.task.weights)}
     if run.mode == "jpeg":
         transform = functools.partial(_jpeg_images, quality=run.quality)
     elif run.mode in ("agnostic", "aware"):
         codec_path = models / run.codec_run.key / "model.pt"
-        codec = load_codec(codec_path, device)[0]
+        codec = load_codec(codec_path, device, f"the model of stage {run.codec_run.stage}")[0]
         run_params["codec_init"] = run.codec_run.key
         if run.mode == "aware":
             codec.quantizer = p.model.codec.quantizer
@@ -197,7 +209,7 @@ def evaluate_run(p: Params, run: Run, data: Path, models: Path, device) -> dict:
     path = models / run.key / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run its stage first (`dvc repro {run.stage}`)")
-    system, state = load_system(path, p, meta, device, run.mode)
+    system, state = load_system(path, p, meta, device, run.mode, f"the model of stage {run.stage}")
     row = evaluate_system(system, run, load_split(data, "test"), p.evaluate.batch_size, device, p.evaluate.limit,
                           meta.get("ignore_index", 255))
     row["mlflow_run_id"] = state.get("mlflow_run_id")

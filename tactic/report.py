@@ -132,6 +132,20 @@ def bd_summary(points: list[dict], rows: list[dict], field: str = "accuracy") ->
     return summary
 
 
+def at_chance(rows: list[dict]) -> list[str]:
+    """Classification runs whose test accuracy is not above chance (1 / classes) by three standard
+    errors: a collapsed codec or a task network that never learned. Flagged, not failed: such a point
+    is a finding at a very low rate, and a symptom of divergence at any other."""
+    flagged = []
+    for r in rows:
+        k, n, acc = r.get("num_classes"), r.get("num_images"), r.get("accuracy")
+        if k and k > 1 and n and acc is not None and "miou" not in r:
+            chance = 1 / k
+            if acc <= chance + 3 * (chance * (1 - chance) / n) ** 0.5:
+                flagged.append(r["run"])
+    return flagged
+
+
 def _fmt(p, f, scale=1.0, digits=3):
     if f not in p:
         return "-"
@@ -206,6 +220,9 @@ def headline(summary: dict, field: str = "accuracy") -> str:
             note += "; seeds left out: " + ", ".join(f"{s} ({why})" for s, why in summary[f"{key}_seeds_left_out"].items())
         lines.append(f"| {label} | {'-' if value is None else format(scale * value, fmt)} | "
                      f"{'-' if std is None else '± ' + format(scale * std, fmt)} | {note.lstrip('; ')} |")
+    if field == "accuracy" and summary.get("runs_at_chance"):
+        lines.append(f"\n**At chance accuracy** (not above 1/classes by 3 standard errors), check these runs: "
+                     f"{', '.join(summary['runs_at_chance'])}")
     return "\n".join(lines) + "\n"
 
 
@@ -260,7 +277,7 @@ def plot(points: list[dict], path: Path, title: str) -> None:
 def write_report(rows: list[dict], out: Path, title: str, dataset: str) -> dict:
     """Everything the report stage writes under `out`; returns the summary (the DVC metrics)."""
     points = aggregate(rows)
-    summary = {"num_runs": len(rows), **bd_summary(points, rows)}
+    summary = {"num_runs": len(rows), "runs_at_chance": at_chance(rows), **bd_summary(points, rows)}
     fields = ["accuracy"]
     if _segmentation(points):
         summary.update(bd_summary(points, rows, "miou"))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tactic.config import Params
-from tactic.io import save_torch
+from tactic.io import BadFileError, load_torch, save_torch
 from tactic.models.classifiers import build_classifier
 
 
@@ -93,7 +93,8 @@ def build_task(p: Params, meta: dict, mode: Optional[str] = None, latent_channel
 
         return LatentHead(CResNet39(latent_channels, len(meta["classes"]), weights=p.latent.weights))
     if mode == "pixel-decoded":
-        return build_classifier("resnet50", meta["channels"], len(meta["classes"]), weights=p.latent.weights)
+        return build_classifier("resnet50", meta["channels"], len(meta["classes"]), weights=p.latent.weights,
+                                weights_param="latent.weights")
     if t.task == "segmentation":
         from tactic.models.segmenters import build_segmenter
 
@@ -126,23 +127,41 @@ def save_system(path: Path | str, system: System, run_key: str, extra: dict | No
     })
 
 
-def load_codec(path: Path | str, device="cpu"):
-    state = torch.load(path, map_location="cpu", weights_only=False)
+def _read_model(path: Path | str, what: str) -> dict:
+    state = load_torch(path, what, weights_only=False)  # our own files: configs beside the tensors
+    if not isinstance(state, dict) or "run" not in state:
+        raise BadFileError(f"{what}: {path} is a PyTorch file but not a model this pipeline saved")
+    return state
+
+
+def _load_into(module: nn.Module, weights: dict, path, what: str) -> None:
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as err:  # missing/unexpected keys, another shape: written for other params
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise BadFileError(f"{what}: {path} does not fit {type(module).__name__} (wrong architecture; re-run its "
+                           f"stage): {lines[-1][:300]}") from err
+
+
+def load_codec(path: Path | str, device="cpu", what: str = "model file", state: Optional[dict] = None):
+    """The codec saved in `path` (a model.pt); `what` names the file in errors (e.g. its stage)."""
+    state = state or _read_model(path, what)
     if not state.get("codec"):
-        raise ValueError(f"{path}: holds no codec")
+        raise BadFileError(f"{what}: {path} holds no codec")
     codec = codec_from_config(state["codec"]["config"])
-    codec.load_state_dict(state["codec"]["state"])
+    _load_into(codec, state["codec"]["state"], path, what)
     if "quality" in state["codec"]["config"]:
         codec.update(force=True)  # rebuild the coder tables from the loaded weights, as before any bitstream
     return codec.to(device), state
 
 
-def load_system(path: Path | str, p: Params, meta: dict, device="cpu", mode: Optional[str] = None) -> tuple[System, dict]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    codec = load_codec(path, device)[0] if state.get("codec") else None
+def load_system(path: Path | str, p: Params, meta: dict, device="cpu", mode: Optional[str] = None,
+                what: str = "model file") -> tuple[System, dict]:
+    state = _read_model(path, what)
+    codec = load_codec(path, device, what, state)[0] if state.get("codec") else None
     task = None
     if state.get("task") is not None:
         task = build_task(p, meta, mode, getattr(codec, "M", None))
-        task.load_state_dict(state["task"])
+        _load_into(task, state["task"], path, what)
     latent = mode in ("latent-frozen", "latent-joint")
     return System(codec, task, latent=latent).to(device).eval(), state

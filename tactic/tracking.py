@@ -9,10 +9,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 from tactic.config import ROOT
+from tactic.io import process_token, token_alive
 
 EXPERIMENT = os.environ.get("TACTIC_EXPERIMENT", "tactic")
 
@@ -41,21 +44,61 @@ def setup():
     return mlflow
 
 
+def _process_tags() -> dict:
+    return {"tactic.host": socket.gethostname(), "tactic.process": process_token()}
+
+
+def orphan_reason(run) -> str | None:
+    """Why a RUNNING run can no longer end by itself (its process on this host is gone), else None.
+    Runs from other hosts, and runs without process tags, are never judged."""
+    tags = run.data.tags
+    token = tags.get("tactic.process")
+    if run.info.status != "RUNNING" or tags.get("tactic.host") != socket.gethostname() or not token or token_alive(token):
+        return None
+    return f"process {token.partition('-')[0]} on {tags['tactic.host']} ended without closing its run (killed)"
+
+
+def close_orphans(client, experiment_id: str, closed_by: str) -> list:
+    """Mark KILLED every RUNNING run of the experiment whose process is gone; returns those runs.
+
+    A stage killed by SIGKILL (or an out-of-memory kill, or a lost machine) cannot end its own MLflow
+    run; the next stage (or `tactic runs clean`) does, so no run shows RUNNING forever."""
+    runs = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
+    closed = []
+    for run in runs:
+        reason = orphan_reason(run)
+        if reason:
+            client.set_tag(run.info.run_id, "failure_reason", f"{reason}; closed by {closed_by}")
+            client.set_terminated(run.info.run_id, "KILLED", end_time=int(time.time() * 1000))
+            closed.append(run)
+    return closed
+
+
 @contextlib.contextmanager
 def start_run(name: str, stage: str | None, params: dict, run_id: str | None = None, tags: dict | None = None):
-    """An MLflow run tagged with the git commit and DVC stage; `run_id` resumes an interrupted one."""
+    """An MLflow run tagged with the git commit, DVC stage and the process that owns it; `run_id`
+    resumes an interrupted one. Runs left RUNNING by killed processes are closed first. The run ends
+    FINISHED, FAILED (an error, its reason tagged) or KILLED (Ctrl-C, SIGTERM)."""
     mlflow = setup()
-    tags = {"git_commit": git_commit(), **({"dvc_stage": stage} if stage else {}), **(tags or {})}
+    client = mlflow.MlflowClient()
+    close_orphans(client, mlflow.get_experiment_by_name(EXPERIMENT).experiment_id, f"{stage or name} (pid {os.getpid()})")
+    tags = {"git_commit": git_commit(), "tactic.key": name, **({"dvc_stage": stage} if stage else {}), **_process_tags(),
+            **(tags or {})}
     parent = os.environ.get("TACTIC_PARENT_RUN_ID")
     if parent:
         tags["mlflow.parentRunId"] = parent
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else name, tags=tags) as run:
-        if run_id is None:
+        if run_id is None:  # a resumed run has its params, and the tags above make it this process's
             mlflow.log_params(params)
+        elif "failure_reason" in run.data.tags:  # it resumes what was killed: say so, it is no failure now
+            mlflow.set_tag("tactic.resumed_after", run.data.tags["failure_reason"])
+            client.delete_tag(run.info.run_id, "failure_reason")
         try:
             yield run
-        except BaseException as err:  # the run ends FAILED (KILLED on Ctrl-C); say why where users look
+        except BaseException as err:  # say why where users look; interrupted runs end KILLED, not FAILED
             mlflow.set_tag("failure_reason", f"{type(err).__name__}: {err}"[:5000])
+            if isinstance(err, KeyboardInterrupt):
+                mlflow.end_run("KILLED")
             raise
 
 

@@ -65,13 +65,14 @@ class TaskScores:
     over the whole split, giving pixel accuracy (as `accuracy`) and mean IoU (`miou`)."""
 
     def __init__(self, ignore_index: int = 255):
-        self.ignore_index, self.sums, self.n, self.conf = ignore_index, defaultdict(float), 0, None
+        self.ignore_index, self.sums, self.n, self.conf, self.classes = ignore_index, defaultdict(float), 0, None, None
 
     def add(self, logits: torch.Tensor, y: torch.Tensor) -> None:
         if logits.dim() == 4:
             conf = confusion_matrix(logits.argmax(1), y, logits.shape[1], self.ignore_index)
             self.conf = conf if self.conf is None else self.conf + conf
         else:
+            self.classes = logits.shape[1]
             for k, c in topk_correct(logits, y).items():
                 self.sums[f"top{k}"] += c
             self.n += len(y)
@@ -81,7 +82,7 @@ class TaskScores:
             scores = segmentation_scores(self.conf)
             iou = [None if v != v else v for v in scores["iou"]]  # NaN (class never seen) -> null in JSON
             return {"accuracy": scores["pixel_accuracy"], "miou": scores["miou"], "iou": iou}
-        out = {"accuracy": self.sums["top1"] / self.n} if self.n else {}
+        out = {"accuracy": self.sums["top1"] / self.n, "num_classes": self.classes} if self.n else {}
         if "top5" in self.sums:
             out["top5"] = self.sums["top5"] / self.n
         return out

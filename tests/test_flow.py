@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import yaml
 
 from tactic.profiles import resolve_params, write_params
-from pipeline.stages import StageFailed, run_dvc_stage, stage_graph
+from pipeline.stages import StageFailed, run_dvc_stage, stage_env, stage_graph
 from tactic.config import ParamsError, parse_params
 from tests.conftest import REPO, TINY, repo_params
 from tests.test_pipeline import BIN, _copy_repo
@@ -60,11 +61,11 @@ def test_stage_graph_matches_dvc_yaml(tmp_path, extra):
     order = list(graph)
     assert all(order.index(n) < order.index(s) for s, needs in graph.items() for n in needs)
     if not extra:
-        assert graph["train_aware@0.1-1"] == ["prepare", "pretrain@0.1-1"]
+        assert graph["train_aware@0.1-1"] == ["prepare", "weights", "pretrain@0.1-1"]
     elif extra is LATENT_RUN:
-        assert graph["train_latent_joint@1-0"] == ["prepare", "pretrain_hyperprior@1-0"] and "train_aware@0.004-0" not in graph
+        assert graph["train_latent_joint@1-0"] == ["prepare", "weights", "pretrain_hyperprior@1-0"] and "train_aware@0.004-0" not in graph
     else:
-        assert graph["train_aware@0.004-0"] == ["prepare", "pretrain@0.004-0"] and graph["train_jpeg@5-0"] == ["prepare"]
+        assert graph["train_aware@0.004-0"] == ["prepare", "weights", "pretrain@0.004-0"] and graph["train_jpeg@5-0"] == ["prepare", "weights"]
 
 
 def test_lock_conflicts_are_retried_other_failures_are_not(tmp_path):
@@ -149,12 +150,15 @@ def test_deployment_end_to_end(tmp_path, fmnist_root):
             return _deployment_run(env, repo, "--params", json.dumps({"profile": "smoke", "betas": [0.004], "params": {
                 "jpeg": {"qualities": [5]}, "model": {"task": {"weights": weights}}}}))
 
-        # 1. A stage fails: the flow run fails, and the stage's own message is in the flow run's logs.
-        bad = run(weights="/nonexistent/w.pt")
+        # 1. A stage fails (the task networks' weights file is junk): the flow run fails, and the
+        # stage's own message is in the flow run's logs.
+        junk = tmp_path / "junk.pt"
+        junk.write_bytes(os.urandom(1000))
+        bad = run(weights=str(junk))
         assert bad.returncode != 0, bad.stdout
         failed_id = _flow_run_id(bad.stdout)
         flow_logs = subprocess.run([BIN / "prefect", "flow-run", "logs", failed_id], env=env, capture_output=True, text=True).stdout
-        assert "model.task.weights: no such file /nonexistent/w.pt" in flow_logs, flow_logs[-3000:]
+        assert f"model.task.weights: {junk}: not a PyTorch file" in flow_logs, flow_logs[-3000:]
 
         # 2. The next run continues from what finished: codecs are not trained again.
         good = run()
@@ -166,7 +170,7 @@ def test_deployment_end_to_end(tmp_path, fmnist_root):
         assert len(parents) == 1 and parents.iloc[0]["tags.git_commit"]
         parent_id = parents.iloc[0]["run_id"]
         children = mlflow.search_runs(experiment_names=["tactic"], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-        stages = set(children["tags.dvc_stage"])
+        stages = set(children["tags.dvc_stage"].dropna())
         assert not any(s.startswith(("pretrain", "prepare")) for s in stages)  # done by the failed run, not redone
         assert {"evaluate", "report", "train_aware@0.004-0", "train_agnostic@0.004-0", "train_jpeg@5-0"} <= stages
         trained = children[children["tags.dvc_stage"].str.startswith("train_")]
@@ -174,7 +178,7 @@ def test_deployment_end_to_end(tmp_path, fmnist_root):
 
         # 3. One Prefect task per stage, and with two workers some training stages ran at the same time.
         tasks = _task_runs(env, good_id)
-        assert set(tasks) == {"prepare", "pretrain@0.004-0", "train_uncompressed@0", "train_jpeg@5-0", "train_agnostic@0.004-0",
+        assert set(tasks) == {"prepare", "weights", "pretrain@0.004-0", "train_uncompressed@0", "train_jpeg@5-0", "train_agnostic@0.004-0",
                               "train_aware@0.004-0", "evaluate", "report"}
         spans = sorted(span for name, span in tasks.items() if name.startswith("train_"))
         assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans
@@ -190,10 +194,47 @@ def test_deployment_end_to_end(tmp_path, fmnist_root):
         assert again.returncode == 0
         again_id = _flow_run_id(again.stdout)
         parent3 = mlflow.search_runs(experiment_names=["tactic"], filter_string=f"tags.prefect_flow_run_id = '{again_id}'").iloc[0]
-        assert parent3["metrics.stages_ran"] == 0
+        assert parent3["metrics.stages_ran"] == 1  # `weights` only: it re-hashes the files params name on every run
 
     finally:
         if served is not None:
             os.killpg(served.pid, 15)
             served.wait(timeout=30)
         subprocess.run([sys.executable, "-m", "pipeline.server", "stop"], cwd=repo, env=env, timeout=60)
+
+
+def _dvc_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "locks"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([BIN / "dvc", "init", "-q"], cwd=repo, check=True)
+    (repo / "in.txt").write_text("x")
+    (repo / "dvc.yaml").write_text("stages:\n  s:\n    cmd: cp in.txt out.txt\n    deps: [in.txt]\n    outs: [out.txt]\n")
+    return repo
+
+
+def _holder(code: str) -> subprocess.Popen:
+    """A process that holds a DVC lock for a few seconds; waited on in a thread, so its pid is gone (not a zombie) after."""
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    threading.Thread(target=proc.wait, daemon=True).start()
+    return proc
+
+
+@pytest.mark.parametrize("lock", ["repository", "rwlock"])
+def test_real_dvc_lock_errors_are_retried(tmp_path, lock):
+    """Real DVC, held off by each of its two locks: `dvc repro -s` fails with that lock's message, and
+    run_dvc_stage retries it until the holder lets go."""
+    repo = _dvc_repo(tmp_path)
+    if lock == "repository":  # what another `dvc` command holds while it runs
+        ready = tmp_path / "ready"
+        _holder(f"import zc.lockfile, time, pathlib; l = zc.lockfile.LockFile({str(repo / '.dvc/tmp/lock')!r}); "
+                f"pathlib.Path({str(ready)!r}).touch(); time.sleep(8)")  # DVC itself waits 3 s
+        _wait_for(ready.exists, 30, "the lock holder")
+        message = "Unable to acquire lock"
+    else:  # what a running stage holds on its outputs: another stage writing out.txt
+        sleeper = _holder("import time; time.sleep(4)")
+        (repo / ".dvc/tmp/rwlock").write_text(json.dumps(
+            {"write": {str(repo / "out.txt"): {"pid": sleeper.pid, "cmd": "dvc repro -s other"}}, "read": {}}))
+        message = "is busy, it is being blocked by"
+    status, output = run_dvc_stage("s", repo, stage_env())
+    assert status == "ran" and message in output and (repo / "out.txt").read_text() == "x"

@@ -125,7 +125,7 @@ def test_results_are_the_same_with_and_without_the_server(server, tmp_path, fmni
             out = subprocess.run([bin_dir / "dvc", "repro"], cwd=repo, env=run_env, capture_output=True, text=True, timeout=900)
             lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
             commands = [lock[name]["cmd"] for name in stage_graph(parse_params(small))]
-            assert _served(env) - before == len(commands) == 8  # every stage ran in the server
+            assert _served(env) - before == len(commands) == 9  # every stage ran in the server
         else:
             out = subprocess.run([sys.executable, "-c", PLAIN_STAGES, json.dumps(commands)], cwd=repo, capture_output=True,
                                  text=True, timeout=900, env={**run_env, "TACTIC_STAGE_SERVER": "0"})

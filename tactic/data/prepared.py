@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tactic.io import write_json
+from tactic.io import process_token, remove_stale, sha256, temp_prefix, write_json
 
 SPLITS = ("train", "val", "test")
 
@@ -38,14 +37,6 @@ class Split:
 
     def __len__(self):
         return len(self.labels)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class RowFile:
@@ -96,7 +87,8 @@ def prepared_dir(out: str | Path):
     written and the folder swapped into place, so a reader never sees a half-prepared dataset."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale(out.parent, temp_prefix(out))  # what a killed prepare left (a full-size images.npy)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{temp_prefix(out)}{process_token()}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes 0700
     try:
         yield tmp

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tactic.io import BadFileError, load_torch
+
 
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -47,30 +49,38 @@ class _RepeatChannels(nn.Module):
         return self.net(x.expand(-1, self.channels, -1, -1))
 
 
-def load_weights(model: nn.Module, path: str, heads: tuple[str, ...], drop: tuple[str, ...] = ()) -> None:
+def load_weights(model: nn.Module, path: str, heads: tuple[str, ...], drop: tuple[str, ...] = (),
+                 param: str = "model.task.weights") -> None:
     """A local state dict into `model`. Keys under `heads` whose shape differs (another class count)
     keep our initialisation; keys under `drop` (parts we do not build) are ignored; anything else
-    that does not fit is an error naming the file."""
+    that does not fit is an error naming `param` and the file."""
     file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"model.task.weights: no such file {file}")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = load_torch(file, param)
+    if not isinstance(state, dict):
+        raise BadFileError(f"{param}: {file} holds a {type(state).__name__}, not a state dict")
     state = state.get("state_dict", state)
     own = model.state_dict()
     state = {k: v for k, v in state.items()
              if not k.startswith(drop) and not (k.startswith(heads) and own.get(k, v).shape != v.shape)}
+    shapes = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+    if shapes:
+        raise BadFileError(f"{param}: {file} does not fit {type(model).__name__} (wrong architecture): "
+                           f"shapes differ: {', '.join(shapes[:3])}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(heads)]
     if missing or unexpected:
-        raise ValueError(f"model.task.weights: {file} does not fit {type(model).__name__}: "
+        raise BadFileError(f"{param}: {file} does not fit {type(model).__name__} (wrong architecture): "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def build_classifier(arch: str, in_channels: int, num_classes: int, width: int = 16, weights: str | None = None) -> nn.Module:
+def build_classifier(arch: str, in_channels: int, num_classes: int, width: int = 16, weights: str | None = None,
+                     weights_param: str = "model.task.weights") -> nn.Module:
+    """`weights_param` is the param that names `weights`, for error messages."""
     if arch == "small-cnn":
         net = SmallCNN(in_channels, num_classes, width)
         if weights:
-            load_weights(net, weights, ("head",))
+            load_weights(net, weights, ("head",), param=weights_param)
         return net
     import torchvision.models as tvm
 
@@ -82,6 +92,6 @@ def build_classifier(arch: str, in_channels: int, num_classes: int, width: int =
         raise ValueError(f"model.task.arch: unknown {arch!r}")
     if weights:
         # Inception's auxiliary head is not built here (aux_logits=False): its weights are dropped.
-        load_weights(net, weights, ("fc",), drop=("AuxLogits.",))
+        load_weights(net, weights, ("fc",), drop=("AuxLogits.",), param=weights_param)
     net.fc = nn.Linear(net.fc.in_features, num_classes)
     return net if in_channels == 3 else _RepeatChannels(net)

@@ -83,7 +83,8 @@ class CResNet39(nn.Module):
         self.layer4, self.avgpool = resnet.layer4, resnet.avgpool
         self.fc = nn.Linear(resnet.fc.in_features, num_classes)
         if weights:
-            load_weights(self, weights, heads=("fc.", "y_in.", "sigma_in."), drop=("conv1.", "bn1.", "layer1."))
+            load_weights(self, weights, heads=("fc.", "y_in.", "sigma_in."), drop=("conv1.", "bn1.", "layer1."),
+                         param="latent.weights")
 
     def forward(self, y_hat: torch.Tensor, sigma_hat: torch.Tensor | None = None) -> torch.Tensor:
         h = self.y_in(y_hat)

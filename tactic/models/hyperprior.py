@@ -54,7 +54,7 @@ from compressai.models.utils import conv, deconv, remap_old_keys
 from compressai.ops import compute_padding, quantize_ste
 from compressai.zoo.pretrained import load_pretrained
 
-from tactic.io import save_torch
+from tactic.io import BadFileError, load_torch, save_torch
 from tactic.losses import bpp
 from tactic.models.codec import QUANTIZERS, clamp_ste
 
@@ -337,24 +337,22 @@ def load_hyperprior(path, quality: int, in_channels: int = 3, N: int | None = No
     (N, M) load (a deliberate starting point); another geometry or architecture fails, naming both.
     """
     file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"codec checkpoint: no such file {file}")
     model = Hyperprior(quality, in_channels, N, M)
     want = _describe(model.config)
-    obj = torch.load(file, map_location="cpu", weights_only=True)
+    obj = load_torch(file, "latent.checkpoint")
     if not isinstance(obj, dict):
-        raise ValueError(f"{file} holds a {type(obj).__name__}, not a state dict; the codec is {want}")
+        raise BadFileError(f"latent.checkpoint: {file} holds a {type(obj).__name__}, not a state dict; the codec is {want}")
     if "arch" in obj:
         held = {k: obj.get(k) for k in model.config}
         if obj["arch"] != ARCH or held != model.config:
-            raise ValueError(f"{file} holds {obj['arch']} quality {held['quality']} (N={held['N']}, M={held['M']}, "
+            raise BadFileError(f"latent.checkpoint: {file} holds {obj['arch']} quality {held['quality']} (N={held['N']}, M={held['M']}, "
                              f"in_channels={held['in_channels']}) but the codec is {want}")
         state, held = obj["state_dict"], f"{file} holds {_describe(held)}"
     else:
         state, held = _raw_state(obj), f"{file} holds {_describe_raw(obj.get('state_dict', obj))}"
     bad = _mismatch(state, model.state_dict())
     if bad:
-        raise ValueError(f"{held} but the codec is {want}: {'; '.join(bad[:4])}")
+        raise BadFileError(f"latent.checkpoint: {held} but the codec is {want}: {'; '.join(bad[:4])}")
     # nn.Module's loader, not CompressionModel's: that one resizes the coder tables we leave out.
     torch.nn.Module.load_state_dict(model, _weights(state), strict=False)
     model.update(force=True)
