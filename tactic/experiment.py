@@ -5,6 +5,7 @@ Stage scripts in `stages/` are thin command-line wrappers around these.
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -20,6 +21,7 @@ from tactic.data.prepared import Split, load_split, read_meta
 from tactic.evaluate import evaluate_system
 from tactic.grid import LATENT_MODES, Run
 from tactic.losses import TacticLoss
+from tactic.metrics import at_chance
 from tactic.system import (System, build_codec, build_task, build_task_loss, load_codec, load_system, resolve_device,
                            save_system)
 from tactic.train import fingerprint, fit, load_checkpoint, make_optimizers
@@ -65,9 +67,21 @@ def _train(p: Params, run: Run, system: System, loss_fn: TacticLoss, optim, cfg,
                       log=tracking.log_metrics, transform=transform, state=state,
                       extra={"mlflow_run_id": mlrun.info.run_id}, name=run.stage)
         tracking.log_metrics({"train_seconds": time.perf_counter() - t0})
+        _warn_at_chance(history[-1], len(val), len(read_meta(data)["classes"]), run.stage)
         save_system(models / run.key / "model.pt", saved, run.key, {"history": history, "mlflow_run_id": mlrun.info.run_id})
     ckpt_path.unlink(missing_ok=True)
     return history[-1]
+
+
+def _warn_at_chance(last: dict, num_val: int, classes: int, stage: str) -> None:
+    """A classifier that ends at chance on validation (a learning rate too high, a collapsed codec)
+    is not an error, but it must not pass unnoticed: a warning line and a tag on the MLflow run."""
+    acc = last.get("val_accuracy")
+    if acc is None or "val_miou" in last or classes < 2 or not at_chance(acc, classes, num_val):
+        return
+    msg = f"{stage}: validation accuracy {acc:.4f} is at chance (1/{classes}): the task network did not learn"
+    print(f"warning: {msg}", file=sys.stderr)
+    tracking.set_tag("warning", msg)
 
 
 def pretrain_codec(p: Params, run: Run, data: Path, models: Path) -> dict:

@@ -136,3 +136,10 @@ def segmentation_scores(conf) -> dict:
         "miou": float(iou[union > 0].mean()) if (union > 0).any() else float("nan"),
         "iou": iou.tolist(),
     }
+
+
+def at_chance(accuracy: float, classes: int, n: int) -> bool:
+    """Whether a top-1 accuracy over `n` images is not above chance (1 / classes) by three standard
+    errors: a collapsed codec or a task network that never learned."""
+    chance = 1 / classes
+    return accuracy <= chance + 3 * (chance * (1 - chance) / n) ** 0.5

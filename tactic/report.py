@@ -14,7 +14,7 @@ import numpy as np
 
 from tactic.grid import MODES
 from tactic.io import atomic_path, write_json, write_text
-from tactic.metrics import accuracy_at_rate, bd_accuracy, bd_rate, rate_at_accuracy
+from tactic.metrics import accuracy_at_rate, at_chance, bd_accuracy, bd_rate, rate_at_accuracy
 
 FIELDS = ("accuracy", "top5", "miou", "bpp", "bpp_estimated", "bpp_file", "psnr")
 
@@ -132,18 +132,11 @@ def bd_summary(points: list[dict], rows: list[dict], field: str = "accuracy") ->
     return summary
 
 
-def at_chance(rows: list[dict]) -> list[str]:
-    """Classification runs whose test accuracy is not above chance (1 / classes) by three standard
-    errors: a collapsed codec or a task network that never learned. Flagged, not failed: such a point
-    is a finding at a very low rate, and a symptom of divergence at any other."""
-    flagged = []
-    for r in rows:
-        k, n, acc = r.get("num_classes"), r.get("num_images"), r.get("accuracy")
-        if k and k > 1 and n and acc is not None and "miou" not in r:
-            chance = 1 / k
-            if acc <= chance + 3 * (chance * (1 - chance) / n) ** 0.5:
-                flagged.append(r["run"])
-    return flagged
+def runs_at_chance(rows: list[dict]) -> list[str]:
+    """Classification runs whose test accuracy is at chance (metrics.at_chance). Flagged, not failed:
+    such a point is a finding at a very low rate, and a symptom of divergence at any other."""
+    return [r["run"] for r in rows if r.get("num_classes", 0) > 1 and r.get("num_images") and "miou" not in r
+            and r.get("accuracy") is not None and at_chance(r["accuracy"], r["num_classes"], r["num_images"])]
 
 
 def _fmt(p, f, scale=1.0, digits=3):
@@ -277,7 +270,7 @@ def plot(points: list[dict], path: Path, title: str) -> None:
 def write_report(rows: list[dict], out: Path, title: str, dataset: str) -> dict:
     """Everything the report stage writes under `out`; returns the summary (the DVC metrics)."""
     points = aggregate(rows)
-    summary = {"num_runs": len(rows), "runs_at_chance": at_chance(rows), **bd_summary(points, rows)}
+    summary = {"num_runs": len(rows), "runs_at_chance": runs_at_chance(rows), **bd_summary(points, rows)}
     fields = ["accuracy"]
     if _segmentation(points):
         summary.update(bd_summary(points, rows, "miou"))

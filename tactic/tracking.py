@@ -114,6 +114,12 @@ def log_metrics(metrics: dict, step: int | None = None) -> None:
             mlflow.set_tag(f"nonfinite.{k}", f"{v} at step {step}")
 
 
+def set_tag(key: str, value: str) -> None:
+    import mlflow
+
+    mlflow.set_tag(key, value)
+
+
 def log_artifact(path: str | Path) -> None:
     import mlflow
 

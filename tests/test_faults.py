@@ -232,3 +232,26 @@ def test_weights_stage_hashes_what_params_name(tmp_path):
     for name, param in [("train_uncompressed", "model.task.weights"), ("train_aware", "model.task.weights"),
                         ("pretrain_hyperprior", "latent.checkpoint"), ("train_latent_joint", "latent.weights")]:
         assert f"data/weights/{param}.json" in stages[name]["deps"], name
+
+
+def test_runs_clean_ends_runs_whose_process_is_gone(capsys):
+    import socket
+
+    from tactic import runs, tracking
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid now names no process
+    client = tracking.setup().MlflowClient()
+    exp = client.get_experiment_by_name("tactic").experiment_id
+    host = socket.gethostname()
+    orphan = client.create_run(exp, tags={"tactic.host": host, "tactic.process": f"{gone.pid}-1", "dvc_stage": "x@1"})
+    alive = client.create_run(exp, tags={"tactic.host": host, "tactic.process": tracking.process_token(), "dvc_stage": "y@1"})
+    foreign = client.create_run(exp, tags={"tactic.host": "elsewhere", "tactic.process": f"{gone.pid}-1"})
+    assert runs.main(["clean"]) == 0
+    assert "1 orphaned run(s) ended" in capsys.readouterr().out
+    status = {r: client.get_run(r.info.run_id).info.status for r in (orphan, alive, foreign)}
+    assert list(status.values()) == ["KILLED", "RUNNING", "RUNNING"]
+    assert f"process {gone.pid} on {host} ended" in client.get_run(orphan.info.run_id).data.tags["failure_reason"]
+    runs.main([])
+    listed = capsys.readouterr().out
+    assert "y@1: process alive" in listed and "owner unknown (host elsewhere)" in listed

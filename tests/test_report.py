@@ -98,3 +98,15 @@ def test_matched_rate_figures_and_seeds_left_out():
     bd = s["bd_accuracy_aware_vs_agnostic"]
     assert f"| BD-accuracy aware vs agnostic (points) | {bd:.2f} |" in text  # points, as stored (not scaled again)
     assert "| JPEG's accuracy there (%) | 61.00 | ± 1.41 |" in text
+
+
+def test_runs_at_chance_are_flagged_not_dropped(tmp_path):
+    rows = [{**r, "run": f"{r['mode']}/{r['seed']}/{r['beta'] or r['quality']}", "num_classes": 10, "num_images": 2000}
+            for r in _rows()]
+    collapsed = rows[-1]  # aware at beta 0.0005, seed 1: 0.11 is within 3 standard errors of 0.10...
+    collapsed["accuracy"] = 0.11
+    rows[-2]["accuracy"] = 0.125  # ...0.125 is not (the bound is 0.120 for 2000 images)
+    summary = write_report(rows, tmp_path, "test", "fashion-mnist")
+    assert summary["runs_at_chance"] == [collapsed["run"]] and summary["num_runs"] == len(rows)
+    assert "**At chance accuracy**" in (tmp_path / "summary.md").read_text() and collapsed["run"] in (tmp_path / "summary.md").read_text()
+    assert write_report(_rows(), tmp_path, "test", "fashion-mnist")["runs_at_chance"] == []
