@@ -6,7 +6,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from tactic.config import DEFAULT_PARAMS, ParamsError, Params, load_params
+from tactic.config import DEFAULT_PARAMS, Params, load_params
 
 # CompressAI 1.2.8 scripts a helper at import time; torch 2.14 warns about it in every stage's log.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
@@ -27,10 +27,10 @@ def _terminate(signum, frame):
 
 
 def run(main) -> None:
-    """Run a stage's main(); expected failures (bad params, missing data, unusable files) print one
-    clear line, no traceback. SIGTERM unwinds like Ctrl-C, then ends the process by that signal."""
-    from tactic.data.errors import DatasetError
-    from tactic.data.prepared import PreparedDataError
+    """Run a stage's main(); expected failures (tactic.errors.TacticError: bad params, missing data,
+    unusable files; a missing file; divergence) print one clear line, no traceback. Anything else is
+    a bug and shows its traceback. SIGTERM unwinds like Ctrl-C, then ends the process by that signal."""
+    from tactic.errors import TacticError
     from tactic.train import DivergenceError
 
     signal.signal(signal.SIGTERM, _terminate)
@@ -40,7 +40,7 @@ def run(main) -> None:
         print("terminated (SIGTERM): nothing half-written kept; training resumes from its last checkpoint", file=sys.stderr)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
-    except (ParamsError, DatasetError, PreparedDataError, FileNotFoundError, ValueError) as err:
+    except (TacticError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except DivergenceError as err:

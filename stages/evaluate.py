@@ -10,18 +10,10 @@ from stages.server import handoff
 handoff(__name__)  # into a preloaded stage server, when one runs (stages/server.py)
 
 import argparse
-import sys
-import time
 from pathlib import Path
 
 from stages import cli
-from tactic import tracking
-from tactic.experiment import evaluate_run
-from tactic.grid import task_runs
-from tactic.io import write_json
-from tactic.system import resolve_device
-
-TEST_METRICS = ("accuracy", "top5", "miou", "bpp", "bpp_estimated", "bpp_file", "psnr")
+from tactic.experiment import evaluate_grid
 
 
 def main(argv=None):
@@ -30,23 +22,7 @@ def main(argv=None):
     ap.add_argument("--models", type=Path, default=Path("models"))
     ap.add_argument("--out", type=Path, default=Path("results/eval.json"))
     args, p = cli.parse(ap, argv)
-    device = resolve_device(p)
-    runs = task_runs(p)
-    with tracking.start_run("evaluate", "evaluate", {"stage": "evaluate", "num_runs": len(runs), **p.evaluate.model_dump()}):
-        client = tracking.setup().MlflowClient()
-        rows, t0 = [], time.perf_counter()
-        for i, run in enumerate(runs):
-            row = evaluate_run(p, run, args.data, args.models, device)
-            rows.append(row)
-            print(f"[{i + 1}/{len(runs)}] {run.key}: accuracy {row.get('accuracy', float('nan')):.4f} bpp {row['bpp']:.4f}", file=sys.stderr)
-            if row.get("mlflow_run_id"):
-                for k in TEST_METRICS:
-                    if row.get(k) is not None:
-                        client.log_metric(row["mlflow_run_id"], k, row[k])
-        # Time inside the evaluation loop, as training logs train_seconds (benchmarks/stage_overhead.py).
-        tracking.log_metrics({"eval_seconds": time.perf_counter() - t0})
-        write_json(args.out, rows)
-        tracking.log_artifact(args.out)
+    evaluate_grid(p, args.data, args.models, args.out)
 
 
 if __name__ == "__main__":

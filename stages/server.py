@@ -30,7 +30,6 @@ This module is imported by every stage before anything heavy: it uses the standa
 from __future__ import annotations
 
 import argparse
-import array
 import hashlib
 import json
 import os

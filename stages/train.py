@@ -16,7 +16,7 @@ from pathlib import Path
 
 from stages import cli
 from tactic.experiment import train_task
-from tactic.grid import CODEC_MODES, LATENT_MODES, MODES, Run
+from tactic.grid import MODES, Run
 
 
 def main(argv=None):
@@ -28,9 +28,10 @@ def main(argv=None):
     ap.add_argument("--data", type=Path, default=Path("data/prepared"))
     ap.add_argument("--models", type=Path, default=Path("models"))
     args, p = cli.parse(ap, argv)
-    if (args.mode in CODEC_MODES) != (args.beta is not None) or (args.mode in ("jpeg", *LATENT_MODES)) != (args.quality is not None):
-        ap.error("--beta goes with agnostic/aware, --quality with jpeg and the latent modes, and each of those needs its own")
-    run = Run(args.mode, args.seed, beta=args.beta, quality=args.quality)
+    try:
+        run = Run.of(args.mode, args.seed, beta=args.beta, quality=args.quality)
+    except ValueError as err:
+        ap.error(str(err))
     last = train_task(p, run, args.data, args.models)
     print(f"{run.key}: val accuracy {last['val_accuracy']:.4f}")
 

@@ -12,9 +12,8 @@ import sys
 from tactic import tracking
 from tactic.grid import MODES
 from tactic.io import write_text
+from tactic.metrics import ALL_TEST_METRICS
 from tactic.report import aggregate, points_csv, table
-
-METRICS = ("accuracy", "top5", "bpp", "bpp_estimated", "bpp_file", "psnr")
 
 
 def _num(text, cast):
@@ -31,7 +30,7 @@ def rows_from_runs(runs) -> list[dict]:
             continue
         row = {"mode": prm["mode"], "seed": int(prm["seed"]), "beta": _num(prm.get("beta"), float),
                "quality": _num(prm.get("quality"), int), "mlflow_run_id": r.info.run_id,
-               **{k: met[k] for k in METRICS if k in met}}
+               **{k: met[k] for k in ALL_TEST_METRICS if k in met}}
         newest[(row["mode"], row["beta"], row["quality"], row["seed"])] = row
     return list(newest.values())
 

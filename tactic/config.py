@@ -13,6 +13,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError,
                       field_validator, model_validator)
 
+from tactic.errors import TacticError
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = ROOT / "params.yaml"
 
@@ -208,8 +210,8 @@ class Params(_Block):
         return v
 
 
-class ParamsError(ValueError):
-    pass
+class ParamsError(TacticError):
+    """A params file that does not validate: the message names each bad key."""
 
 
 def format_errors(err: ValidationError, source: str) -> str:

@@ -7,12 +7,10 @@ from pathlib import Path
 from typing import Optional
 
 from tactic.config import Params
+from tactic.modes import MODES as MODE_TABLE
 
-# TACTIC modes, then the compressed-domain modes on the bmshj2018 hyperprior (one per quality).
-MODES = ("uncompressed", "jpeg", "agnostic", "aware", "latent-frozen", "latent-joint", "pixel-decoded")
-CODEC_MODES = ("agnostic", "aware")  # modes whose test images go through the TACTIC codec
-LATENT_MODES = ("latent-frozen", "latent-joint", "pixel-decoded")  # modes on a pre-trained hyperprior
-PRETRAIN = {"agnostic": "pretrain", "aware": "pretrain", **{m: "pretrain-hyperprior" for m in LATENT_MODES}}
+# The modes, in the order of results and tables (tactic.modes holds what each one is and does).
+MODES = tuple(MODE_TABLE)
 
 
 @dataclass(frozen=True)
@@ -20,7 +18,16 @@ class Run:
     mode: str  # "pretrain", "pretrain-hyperprior" (codec rate-distortion pre-training) or one of MODES
     seed: int
     beta: Optional[float] = None  # rate weight: pretrain, agnostic, aware (named as DVC names it: repr)
-    quality: Optional[int] = None  # jpeg's quality, or the hyperprior's (pretrain-hyperprior, LATENT_MODES)
+    quality: Optional[int] = None  # jpeg's quality, or the hyperprior's (pretrain-hyperprior, the latent modes)
+
+    @classmethod
+    def of(cls, mode: str, seed: int, beta: Optional[float] = None, quality: Optional[int] = None) -> "Run":
+        """A run of one of MODES, with the operating point its mode takes (beta, quality or none)."""
+        point = MODE_TABLE[mode].point
+        if (point == "beta") != (beta is not None) or (point == "quality") != (quality is not None):
+            raise ValueError("--beta goes with agnostic/aware, --quality with jpeg and the latent modes, "
+                             "and each of those needs its own")
+        return cls(mode, seed, beta=beta, quality=quality)
 
     @property
     def point(self) -> str:
@@ -43,15 +50,22 @@ class Run:
         values = [v for v in (self.beta, self.quality) if v is not None] + [self.seed]
         return f"{name}@" + "-".join(repr(v) for v in values)
 
-    def model_dir(self, root: Path | str = "models") -> Path:
-        return Path(root) / self.key
+    def model_path(self, models: Path | str = "models") -> Path:
+        """The run's one model file (DVC's output folder is its parent)."""
+        return Path(models) / self.key / "model.pt"
+
+    def work_dir(self, models: Path | str = "models") -> Path:
+        """Checkpoints and caches of the run: beside, not inside, the models folder, because DVC
+        deletes a stage's outputs before it re-runs it, and a resumable checkpoint must survive that."""
+        return Path(models).parent / ".checkpoints" / self.key
 
     @property
     def codec_run(self) -> Optional["Run"]:
         """The pre-trained rate-distortion codec this run starts from (None for uncompressed, jpeg)."""
-        if self.mode not in PRETRAIN:
+        pretrain = MODE_TABLE[self.mode].pretrain if self.mode in MODE_TABLE else None
+        if pretrain is None:
             return None
-        return Run(PRETRAIN[self.mode], self.seed, beta=self.beta, quality=self.quality)
+        return Run(pretrain, self.seed, beta=self.beta, quality=self.quality)
 
 
 def pretrain_runs(p: Params) -> list[Run]:
@@ -60,8 +74,6 @@ def pretrain_runs(p: Params) -> list[Run]:
 
 
 def task_runs(p: Params) -> list[Run]:
-    runs = [Run("uncompressed", s) for s in p.seeds]
-    runs += [Run("jpeg", s, quality=q) for q in p.jpeg.qualities for s in p.seeds]
-    runs += [Run(m, s, beta=b) for m in CODEC_MODES for b in p.betas for s in p.seeds]
-    runs += [Run(m, s, quality=q) for m in LATENT_MODES for q in p.latent.qualities for s in p.seeds]
-    return runs
+    """Every trained run: mode by mode, operating point by point (Mode.points), seed by seed."""
+    return [Run(name, s, **({mode.point: v} if mode.point else {}))
+            for name, mode in MODE_TABLE.items() for v in mode.points(p) for s in p.seeds]

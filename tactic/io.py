@@ -19,8 +19,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from tactic.errors import TacticError
 
-class BadFileError(ValueError):
+
+class BadFileError(TacticError):
     """A file that cannot be used, named with the param (or stage) it belongs to and what is wrong."""
 
 

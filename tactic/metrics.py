@@ -11,6 +11,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# The test metrics of a run: what `evaluate` writes into results/eval.json and into each training
+# run's MLflow run, what the report aggregates over seeds and what `tactic compare` reads back.
+RATE_METRICS = ("bpp", "bpp_estimated", "bpp_file", "psnr")
+TEST_METRICS = {"classification": ("accuracy", "top5", *RATE_METRICS),  # accuracy: top-1
+                "segmentation": ("accuracy", "miou", *RATE_METRICS)}   # accuracy: pixel accuracy
+ALL_TEST_METRICS = ("accuracy", "top5", "miou", *RATE_METRICS)
+
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
     ks = [k for k in ks if k <= logits.shape[1]]

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from tactic.grid import MODES
+from tactic.modes import MODES as MODE_TABLE
 from tactic.io import atomic_path, write_json, write_text
+from tactic.metrics import ALL_TEST_METRICS as FIELDS
 from tactic.metrics import accuracy_at_rate, at_chance, bd_accuracy, bd_rate, rate_at_accuracy
-
-FIELDS = ("accuracy", "top5", "miou", "bpp", "bpp_estimated", "bpp_file", "psnr")
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -43,7 +43,8 @@ def _curve(points, mode, field="accuracy"):
 
 
 # (mode, reference) pairs compared wherever both modes ran: TACTIC's, then the compressed-domain ones.
-PAIRS = (("aware", "agnostic"), ("aware", "jpeg"), ("latent-joint", "latent-frozen"), ("latent-frozen", "pixel-decoded"))
+# BD comparisons: each mode against its references (tactic.modes), in mode order.
+PAIRS = tuple((name, ref) for name, mode in MODE_TABLE.items() for ref in mode.references)
 MATCH_TOLERANCE = 0.01  # "within 1 point of JPEG's accuracy at its lowest rate"
 
 
@@ -235,8 +236,7 @@ def plot(points: list[dict], path: Path, title: str) -> None:
 
     panels = [("accuracy", "pixel accuracy (%)"), ("miou", "mean IoU (%)")] if _segmentation(points) else [("accuracy", "top-1 accuracy (%)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), dpi=120, squeeze=False)
-    styles = {"jpeg": ("tab:gray", "s"), "agnostic": ("tab:blue", "o"), "aware": ("tab:red", "^"),
-              "latent-frozen": ("tab:green", "D"), "latent-joint": ("tab:purple", "v"), "pixel-decoded": ("tab:orange", "P")}
+    styles = {name: mode.style for name, mode in MODE_TABLE.items() if mode.style}
     for ax, (field, ylabel) in zip(axes[0], panels):
         for mode, (color, marker) in styles.items():
             ps = sorted((p for p in points if p["mode"] == mode and field in p), key=lambda p: p["bpp"])

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from tactic.config import Params
+from tactic.errors import TacticError
 from tactic.io import BadFileError, load_torch, save_torch
 from tactic.models.classifiers import build_classifier
 
@@ -22,12 +23,16 @@ def resolve_device(p: Params) -> torch.device:
 
 
 class LatentHead(nn.Module):
-    """cResNet-39 on (y_hat, sigma_hat) stacked as one (N, 2M, h, w) tensor: the form in which the
-    frozen compressed-domain mode caches the latents it decoded from bitstreams."""
+    """cResNet-39 on (y_hat, sigma_hat) stacked as one (N, 2M, h, w) tensor (`pack`): one tensor is
+    what a System passes on, and the form in which the frozen compressed-domain mode caches them."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net, self.M = net, net.M
+
+    @staticmethod
+    def pack(y_hat: torch.Tensor, sigma_hat: torch.Tensor) -> torch.Tensor:
+        return torch.cat([y_hat, sigma_hat], 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z[:, :self.M], z[:, self.M:])
@@ -60,7 +65,7 @@ class System(nn.Module):
         if self.codec is not None:
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.codec_frozen):
                 out.update(self.codec(x, decode=self.decode) if self.latent else self.codec(x))
-            x = torch.cat([out["y_hat"], out["sigma_hat"]], 1) if self.latent else out["x_hat"]
+            x = LatentHead.pack(out["y_hat"], out["sigma_hat"]) if self.latent else out["x_hat"]
         if self.task is not None:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
                 out["logits"] = self.task(x).float()
@@ -74,27 +79,20 @@ def build_codec(p: Params, in_channels: int):
     return TacticCodec(in_channels, c.N, c.M, c.quantizer, c.latent_relu)
 
 
-def codec_from_config(config: dict):
-    """The codec a saved config describes: the bmshj2018 hyperprior (it has a quality) or TACTIC's."""
-    if "quality" in config:
-        from tactic.models.hyperprior import Hyperprior
-
-        return Hyperprior(**config)
-    from tactic.models.codec import TacticCodec
-
-    return TacticCodec(**config)
+# Every model file names its codec's architecture; the classes are imported only when a file needs one.
+CODECS = {"tactic": "tactic.models.codec:TacticCodec", "bmshj2018-hyperprior": "tactic.models.hyperprior:Hyperprior"}
 
 
-def build_task(p: Params, meta: dict, mode: Optional[str] = None, latent_channels: Optional[int] = None) -> nn.Module:
-    """The task network of `mode`: cResNet-39 on latents, ResNet-50 on decoded pixels, else model.task."""
+def codec_class(arch: str):
+    import importlib
+
+    module, name = CODECS[arch].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_task(p: Params, meta: dict) -> nn.Module:
+    """The task network params name (model.task); the compressed-domain modes build their own."""
     t = p.model.task
-    if mode in ("latent-frozen", "latent-joint"):
-        from tactic.models.cresnet import CResNet39
-
-        return LatentHead(CResNet39(latent_channels, len(meta["classes"]), weights=p.latent.weights))
-    if mode == "pixel-decoded":
-        return build_classifier("resnet50", meta["channels"], len(meta["classes"]), weights=p.latent.weights,
-                                weights_param="latent.weights")
     if t.task == "segmentation":
         from tactic.models.segmenters import build_segmenter
 
@@ -110,7 +108,7 @@ def build_task_loss(p: Params, meta: dict):
 
     weights = p.train.class_weights
     if weights is not None and len(weights) != len(meta["classes"]):
-        raise ValueError(f"train.class_weights: {len(weights)} weights for {len(meta['classes'])} classes ({meta['dataset']})")
+        raise TacticError(f"train.class_weights: {len(weights)} weights for {len(meta['classes'])} classes ({meta['dataset']})")
     return SegmentationLoss(p.train.gamma, weights, meta.get("ignore_index", 255))
 
 
@@ -121,7 +119,7 @@ def save_system(path: Path | str, system: System, run_key: str, extra: dict | No
         codec.update(force=True)  # the CDF tables the range coder needs are computed from the final weights
     save_torch(path, {
         "run": run_key,
-        "codec": None if codec is None else {"config": codec.config, "state": codec.state_dict()},
+        "codec": None if codec is None else {"arch": codec.arch, "config": codec.config, "state": codec.state_dict()},
         "task": None if system.task is None else system.task.state_dict(),
         **(extra or {}),
     })
@@ -148,20 +146,25 @@ def load_codec(path: Path | str, device="cpu", what: str = "model file", state: 
     state = state or _read_model(path, what)
     if not state.get("codec"):
         raise BadFileError(f"{what}: {path} holds no codec")
-    codec = codec_from_config(state["codec"]["config"])
+    arch = state["codec"].get("arch")
+    if arch not in CODECS:
+        raise BadFileError(f"{what}: {path}: codec architecture {arch!r} is none of {sorted(CODECS)} "
+                           "(written by another version: re-run its stage)")
+    codec = codec_class(arch)(**state["codec"]["config"])
     _load_into(codec, state["codec"]["state"], path, what)
-    if "quality" in state["codec"]["config"]:
+    if arch == "bmshj2018-hyperprior":
         codec.update(force=True)  # rebuild the coder tables from the loaded weights, as before any bitstream
     return codec.to(device), state
 
 
-def load_system(path: Path | str, p: Params, meta: dict, device="cpu", mode: Optional[str] = None,
-                what: str = "model file") -> tuple[System, dict]:
+def load_system(path: Path | str, task_network: Callable[[Optional[nn.Module]], nn.Module], device="cpu",
+                latent: bool = False, what: str = "model file") -> tuple[System, dict]:
+    """The system saved in `path`, read once; `task_network(codec)` builds the task network its
+    weights go into (the mode's), `latent` feeds it the latents; `what` names the file in errors."""
     state = _read_model(path, what)
     codec = load_codec(path, device, what, state)[0] if state.get("codec") else None
     task = None
     if state.get("task") is not None:
-        task = build_task(p, meta, mode, getattr(codec, "M", None))
+        task = task_network(codec)
         _load_into(task, state["task"], path, what)
-    latent = mode in ("latent-frozen", "latent-joint")
     return System(codec, task, latent=latent).to(device).eval(), state

@@ -83,7 +83,7 @@ def test_task_weights_load_from_a_local_file(tmp_path):
 
 def test_codecs_load_without_compressais_point_cloud_stack():
     """The stage processes skip torch_geometric (seconds each); the codecs must still work."""
-    script = ("import sys, torch; from tactic.models.codec import TacticCodec; from tactic.models.hyperprior import ARCH;"
+    script = ("import sys, torch; from tactic.models.codec import TacticCodec; from tactic.models.hyperprior import Hyperprior;"
               "m = TacticCodec(1, 8, 4).eval(); m.update(force=True); x = torch.rand(1, 1, 16, 16);"
               "o = m.compress(x); m.decompress(o['strings'], o['shape']);"
               "print('torch_geometric' in sys.modules, 'torch._dynamo' in sys.modules)")

@@ -255,3 +255,24 @@ def test_runs_clean_ends_runs_whose_process_is_gone(capsys):
     runs.main([])
     listed = capsys.readouterr().out
     assert "y@1: process alive" in listed and "owner unknown (host elsewhere)" in listed
+
+
+def test_expected_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    from stages import cli
+    from tactic.errors import TacticError
+
+    def expected():
+        raise TacticError("prepare.root: /nowhere: no such folder")
+
+    def bug():
+        raise ValueError("operands could not be broadcast together")
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.run(expected)
+        assert exit_.value.code == 2 and capsys.readouterr().err == "error: prepare.root: /nowhere: no such folder\n"
+        with pytest.raises(ValueError, match="broadcast"):  # not swallowed into one line: the traceback shows
+            cli.run(bug)
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -15,7 +15,7 @@ import yaml
 from tactic.profiles import resolve_params, write_params
 from pipeline.stages import StageFailed, run_dvc_stage, stage_env, stage_graph
 from tactic.config import ParamsError, parse_params
-from tests.conftest import REPO, TINY, repo_params
+from tests.conftest import REPO, repo_params
 from tests.test_pipeline import BIN, _copy_repo
 
 

@@ -7,8 +7,7 @@ import torch.nn.functional as F
 
 from tactic.models.cresnet import CResNet39
 from tactic.models.hyperprior import (
-    Hyperprior, channels, configure_optimizers, decode_latents, decode_pixels, encode, load_hyperprior,
-    pad, rd_loss, save_checkpoint,
+    LMBDA, Hyperprior, channels, decode_latents, decode_pixels, encode, load_hyperprior, pad,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -101,10 +100,17 @@ def test_a_damaged_bitstream_names_its_image():
         decode_latents(codec, [good, stream], packed["shape"], ["coat_0001.png"])
 
 
+def _save(path, codec):
+    """As the pretrain_hyperprior stage saves its codec."""
+    from tactic.system import System, save_system
+
+    save_system(path, System(codec=codec), "pretrain-hyperprior/q1/s0")
+
+
 def test_checkpoint_round_trip(tmp_path):
     codec = _coding_model(1, N=8, M=12)
     path = tmp_path / "codec.pt"
-    save_checkpoint(path, codec)
+    _save(path, codec)
     loaded = load_hyperprior(path, 1, N=8, M=12).eval()
     for k, v in codec.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
@@ -114,7 +120,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_checkpoint_of_another_quality_names_both(tmp_path):
     path = tmp_path / "q1.pt"
-    save_checkpoint(path, Hyperprior(1))
+    _save(path, Hyperprior(1))
     with pytest.raises(ValueError, match=r"quality 1 \(N=128, M=192.*the codec is bmshj2018-hyperprior quality 8 \(N=192, M=320"):
         load_hyperprior(path, 8)
     with pytest.raises(ValueError, match=r"quality 1 .*quality 4"):  # same (N, M): ours still says which quality
@@ -157,14 +163,20 @@ def test_training_latents_are_integers_and_pass_the_task_gradient_to_the_encoder
 
 
 def test_rate_distortion_training_lowers_the_loss():
+    """The pretrain_hyperprior stage's loss (CompressAI's: lambda * 255^2 * MSE + bpp) and optimisers."""
+    from tactic.losses import TacticLoss
+    from tactic.system import System
+    from tactic.train import make_optimizers
+
     torch.manual_seed(0)
     codec = Hyperprior(8, N=8, M=12).train()
-    opt, aux = configure_optimizers(codec, lr=1e-2, aux_lr=1e-2)
+    opt, aux = make_optimizers(System(codec=codec), 1e-2, aux_lr=1e-2)
+    loss = TacticLoss(lmbda_d=LMBDA[8] * 255**2, alpha=0.0, beta=1.0)
     x = _images(4)
     losses = []
     for _ in range(20):  # straight-through rounding (the default) needs a few more steps than noise here
-        parts = rd_loss(codec(x), x, codec.lmbda)
-        assert set(parts) == {"mse_loss", "bpp_loss", "loss"}
+        parts = loss(codec(x), x, None)
+        assert {"mse_loss", "bpp_loss", "loss"} <= set(parts)
         opt.zero_grad()
         parts["loss"].backward()
         opt.step()

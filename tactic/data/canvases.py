@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tactic.errors import TacticError
+
 BACKGROUND = 0
 
 
@@ -32,9 +34,9 @@ def canvas_layout(num_sources: int, count: int, size: int = 64, item_shape=(28, 
     lo, hi = items
     h, w = item_shape
     if not 0 <= lo <= hi or hi == 0:
-        raise ValueError(f"items: need 0 <= min <= max and max > 0, got {items}")
+        raise TacticError(f"items: need 0 <= min <= max and max > 0, got {items}")
     if h > size or w > size:
-        raise ValueError(f"items of {h}x{w} do not fit a {size}x{size} canvas")
+        raise TacticError(f"items of {h}x{w} do not fit a {size}x{size} canvas")
     rng = np.random.default_rng(seed)
     used = rng.integers(lo, hi + 1, size=count)
     index = rng.integers(0, num_sources, size=(count, hi))

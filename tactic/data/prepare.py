@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from tactic.config import PrepareParams
 from tactic.data.errors import DatasetError
+from tactic.errors import TacticError
 from tactic.data.images import Bad, load_pair
 from tactic.data.layouts import CITYSCAPES_TRAIN_IDS, IGNORE, Index, index as index_dataset
 from tactic.data.prepared import SPLITS, RowFile, prepared_dir, stratified_split
@@ -63,10 +64,10 @@ def choose_splits(ix: Index, cfg: PrepareParams) -> dict[str, np.ndarray]:
 def _check_sizes(ix: Index, sizes: dict, have: int, what: str) -> None:
     if sum(sizes.values()) > have:
         keys = " + ".join(f"prepare.{k}_size" for k in sizes)
-        raise ValueError(f"{keys}: asks for {sum(sizes.values())} images, {ix.dataset} has {have} in {what}")
+        raise TacticError(f"{keys}: asks for {sum(sizes.values())} images, {ix.dataset} has {have} in {what}")
     empty = [k for k, v in sizes.items() if v <= 0]
     if empty:
-        raise ValueError(f"prepare: the {empty[0]} split of {ix.dataset} would be empty ({have} images in {what}); "
+        raise TacticError(f"prepare: the {empty[0]} split of {ix.dataset} would be empty ({have} images in {what}); "
                          f"set prepare.{empty[0]}_size or the fractions")
 
 
@@ -132,7 +133,7 @@ def _write_split(folder: Path, ix: Index, positions: np.ndarray, cfg: PreparePar
         for row, result in enumerate(tqdm(results, total=len(positions), file=sys.stderr, desc=f"prepare {folder.name}",
                                           disable=None, leave=False)):
             if isinstance(result, _WrongSize):
-                raise ValueError(f"prepare.size: images differ in size ({result.path}: {result.reason}); set a size")
+                raise TacticError(f"prepare.size: images differ in size ({result.path}: {result.reason}); set a size")
             if isinstance(result, Bad):
                 if cfg.strict:
                     raise DatasetError(f"{ix.dataset}: unreadable image {result.path}: {result.reason} (prepare.strict is on)")

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from tactic.errors import TacticError
 from tactic.io import process_token, remove_stale, sha256, temp_prefix, write_json
 
 SPLITS = ("train", "val", "test")
 
 
-class PreparedDataError(RuntimeError):
-    pass
+class PreparedDataError(TacticError):
+    """The prepared data is missing or not what a stage expects: run `prepare` (again)."""
 
 
 @dataclass
@@ -120,7 +121,7 @@ def load_split(root: str | Path, name: str) -> Split:
 def stratified_split(labels: np.ndarray, sizes: list[int], seed: int) -> list[np.ndarray]:
     """Disjoint index sets of the given sizes, each with the class proportions of `labels`."""
     if sum(sizes) > len(labels):
-        raise ValueError(f"asked for {sum(sizes)} images, only {len(labels)} available")
+        raise TacticError(f"asked for {sum(sizes)} images, only {len(labels)} available")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))
     # A stable sort by label after a random permutation gives a random order within each class;

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from tactic.errors import TacticError
 from tactic.io import BadFileError, load_torch
 
 
@@ -89,7 +89,7 @@ def build_classifier(arch: str, in_channels: int, num_classes: int, width: int =
     elif arch in ("resnet18", "resnet50"):
         net = getattr(tvm, arch)(weights=None)
     else:
-        raise ValueError(f"model.task.arch: unknown {arch!r}")
+        raise TacticError(f"model.task.arch: unknown {arch!r}")
     if weights:
         # Inception's auxiliary head is not built here (aux_logits=False): its weights are dropped.
         load_weights(net, weights, ("fc",), drop=("AuxLogits.",), param=weights_param)

@@ -43,6 +43,8 @@ from compressai.models import CompressionModel
 from compressai.ops import quantize_ste
 from torch import nn
 
+from tactic.errors import TacticError
+
 QUANTIZERS = ("ste", "noise")
 
 
@@ -52,6 +54,7 @@ def clamp_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class TacticCodec(CompressionModel):
+    arch = "tactic"  # the tag model files carry (tactic.system.CODECS)
     downsampling = 4
 
     def __init__(self, in_channels: int = 3, N: int = 32, M: int = 8, quantizer: str = "ste", latent_relu: bool = False):
@@ -75,7 +78,7 @@ class TacticCodec(CompressionModel):
     def _check_size(self, x: torch.Tensor) -> None:
         h, w = x.shape[-2:]
         if h % self.downsampling or w % self.downsampling:
-            raise ValueError(f"image size {h}x{w} must be a multiple of {self.downsampling}")
+            raise TacticError(f"image size {h}x{w} must be a multiple of {self.downsampling}")
 
     def forward(self, x: torch.Tensor) -> dict:
         self._check_size(x)

@@ -20,15 +20,18 @@ with its quality ladder. On top of CompressAI's model this adds what `CResNet39`
 
 Usage::
 
-    from tactic.models.hyperprior import Hyperprior, encode, decode_latents, load_hyperprior, rd_loss
+    from tactic.models.hyperprior import Hyperprior, encode, decode_latents, load_hyperprior
 
     codec = Hyperprior(quality=4)                # (N, M) = (128, 192); lambda = LMBDA[4]
-    parts = rd_loss(codec(x), x, codec.lmbda)    # mse_loss, bpp_loss, loss
     codec.update(force=True)                     # before any bitstream is written
     packed = encode(codec.eval(), x)             # {"streams": [bytes per image], "shape"}
     lat = decode_latents(codec, packed["streams"], packed["shape"], names)  # y_hat, sigma_hat
 
-    codec = load_hyperprior("bmshj2018-hyperprior-4.pth.tar", quality=4)   # ours or a raw state dict
+    codec = load_hyperprior("bmshj2018-hyperprior-4.pth.tar", quality=4)   # a model.pt or a raw state dict
+
+Training is the pipeline's (tactic.experiment.pretrain_hyperprior): CompressAI's loss and lambda,
+lambda * 255^2 * MSE + bpp, through tactic.losses.TacticLoss, and its two optimisers
+(tactic.train.make_optimizers); model files are tactic.system.save_system's.
 
 Images must be a multiple of 64 pixels high and wide (g_a and h_a downsample 16 x 4); `pad` makes
 them so. The published zoo weights are RGB: use `in_channels=3` (repeat grey to 3 channels) to start
@@ -54,11 +57,10 @@ from compressai.models.utils import conv, deconv, remap_old_keys
 from compressai.ops import compute_padding, quantize_ste
 from compressai.zoo.pretrained import load_pretrained
 
-from tactic.io import BadFileError, load_torch, save_torch
-from tactic.losses import bpp
+from tactic.errors import TacticError
+from tactic.io import BadFileError, load_torch
 from tactic.models.codec import QUANTIZERS, clamp_ste
 
-ARCH = "bmshj2018-hyperprior"
 # CompressAI's zoo: lambda per quality for the MSE models (rate-distortion loss lmbda * 255^2 * MSE + bpp).
 LMBDA = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.0130, 5: 0.025, 6: 0.0483, 7: 0.0932, 8: 0.18}
 # Entropy-coder state recomputed by update(force=True); its size varies, so it is never shape-checked.
@@ -68,7 +70,7 @@ _CODER_BUFFERS = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
 def channels(quality: int) -> tuple[int, int]:
     """(N, M) of the zoo model at `quality`: (128, 192) up to 5, (192, 320) above."""
     if quality not in LMBDA:
-        raise ValueError(f"quality must be one of {sorted(LMBDA)}, got {quality!r}")
+        raise TacticError(f"quality must be one of {sorted(LMBDA)}, got {quality!r}")
     return (128, 192) if quality <= 5 else (192, 320)
 
 
@@ -86,6 +88,7 @@ class Hyperprior(ScaleHyperprior):
             rate term uses the noise proxy in both. A training setting, not part of `config`.
     """
 
+    arch = "bmshj2018-hyperprior"  # the tag model files carry (tactic.system.CODECS)
     downsampling = 64  # g_a: 2^4, h_a: 2^2 more; smaller multiples break the z -> sigma_hat shapes
 
     def __init__(self, quality: int, in_channels: int = 3, N: int | None = None, M: int | None = None,
@@ -106,7 +109,7 @@ class Hyperprior(ScaleHyperprior):
     def _check_size(self, x: torch.Tensor) -> None:
         h, w = x.shape[-2:]
         if h % self.downsampling or w % self.downsampling:
-            raise ValueError(f"image size {h}x{w} must be a multiple of {self.downsampling}: pad it (tactic.models.hyperprior.pad)")
+            raise TacticError(f"image size {h}x{w} must be a multiple of {self.downsampling}: pad it (tactic.models.hyperprior.pad)")
 
     def forward(self, x: torch.Tensor, decode: bool = True) -> dict:
         self._check_size(x)
@@ -185,22 +188,6 @@ def pad(x: torch.Tensor, multiple: int = Hyperprior.downsampling) -> torch.Tenso
     return F.pad(x, padding, mode="constant", value=0)
 
 
-def rd_loss(out: dict, x: torch.Tensor, lmbda: float) -> dict:
-    """CompressAI's RateDistortionLoss (MSE): lmbda * 255^2 * MSE + bpp, part by part."""
-    mse = F.mse_loss(out["x_hat"], x)
-    rate = bpp(out["likelihoods"], x.shape[0] * x.shape[2] * x.shape[3])
-    return {"mse_loss": mse, "bpp_loss": rate, "loss": lmbda * 255**2 * mse + rate}
-
-
-def configure_optimizers(model: Hyperprior, lr: float = 1e-4, aux_lr: float = 1e-3):
-    """Adam on the networks and a second Adam on the entropy bottleneck's quantiles (`aux_loss()`),
-    CompressAI's recipe: the quantiles must not be pulled by the rate-distortion gradient."""
-    named = dict(model.named_parameters())
-    net = [p for k, p in named.items() if not k.endswith(".quantiles")]
-    aux = [p for k, p in named.items() if k.endswith(".quantiles")]
-    return torch.optim.Adam(net, lr=lr), torch.optim.Adam(aux, lr=aux_lr)
-
-
 # -- Bitstreams: one framed stream per image ------------------------------------------------------
 
 def _varint(n: int) -> bytes:
@@ -242,7 +229,7 @@ def unpack_stream(stream: bytes, name: str = "stream") -> tuple[bytes, bytes]:
             raise ValueError("y string runs past the end")
         return body[pos:pos + n], body[pos + n:]
     except ValueError as err:
-        raise ValueError(f"{name}: bitstream does not decode ({err})") from None
+        raise TacticError(f"{name}: bitstream does not decode ({err})") from None
 
 
 @torch.no_grad()
@@ -268,7 +255,7 @@ def _decode(fn, strings, shape, names):
     try:
         return fn(strings, shape)
     except Exception as err:  # the coder's own errors carry no image name
-        raise ValueError(f"{', '.join(names)}: bitstream does not decode ({type(err).__name__}: {err})") from err
+        raise TacticError(f"{', '.join(names)}: bitstream does not decode ({type(err).__name__}: {err})") from err
 
 
 @torch.no_grad()
@@ -285,17 +272,8 @@ def decode_pixels(model: Hyperprior, streams: Sequence[bytes], shape, names: Seq
 
 # -- Checkpoints ----------------------------------------------------------------------------------
 
-def save_checkpoint(path, model: Hyperprior) -> None:
-    """Atomically write {"arch", "quality", "N", "M", "in_channels", "state_dict"}.
-
-    Runs update(force=True) first, so the stored CDFs match the stored quantiles.
-    """
-    model.update(force=True)
-    save_torch(path, {"arch": ARCH, **model.config, "state_dict": model.state_dict()})
-
-
 def _describe(cfg: dict) -> str:
-    return f"{ARCH} quality {cfg['quality']} (N={cfg['N']}, M={cfg['M']}, in_channels={cfg['in_channels']})"
+    return f"{Hyperprior.arch} quality {cfg['quality']} (N={cfg['N']}, M={cfg['M']}, in_channels={cfg['in_channels']})"
 
 
 def _describe_raw(state: dict) -> str:
@@ -330,11 +308,12 @@ def _raw_state(obj: dict) -> dict:
 
 
 def load_hyperprior(path, quality: int, in_channels: int = 3, N: int | None = None, M: int | None = None) -> Hyperprior:
-    """A Hyperprior from our checkpoint or a raw CompressAI state dict (the zoo's files), CDFs updated.
+    """A Hyperprior from a model file of ours (a `pretrain_hyperprior` stage's model.pt) or a raw
+    CompressAI state dict (the zoo's files), CDFs updated.
 
-    Our checkpoint must match quality, N, M and in_channels exactly. A raw state dict carries no
-    quality, so only its geometry can be checked: zoo weights of another quality with the same
-    (N, M) load (a deliberate starting point); another geometry or architecture fails, naming both.
+    Ours must match quality, N, M and in_channels exactly. A raw state dict carries no quality, so
+    only its geometry can be checked: zoo weights of another quality with the same (N, M) load (a
+    deliberate starting point); another geometry or architecture fails, naming both.
     """
     file = Path(path)
     model = Hyperprior(quality, in_channels, N, M)
@@ -342,12 +321,13 @@ def load_hyperprior(path, quality: int, in_channels: int = 3, N: int | None = No
     obj = load_torch(file, "latent.checkpoint")
     if not isinstance(obj, dict):
         raise BadFileError(f"latent.checkpoint: {file} holds a {type(obj).__name__}, not a state dict; the codec is {want}")
-    if "arch" in obj:
-        held = {k: obj.get(k) for k in model.config}
-        if obj["arch"] != ARCH or held != model.config:
-            raise BadFileError(f"latent.checkpoint: {file} holds {obj['arch']} quality {held['quality']} (N={held['N']}, M={held['M']}, "
-                             f"in_channels={held['in_channels']}) but the codec is {want}")
-        state, held = obj["state_dict"], f"{file} holds {_describe(held)}"
+    codec = obj.get("codec")
+    if isinstance(codec, dict) and "arch" in codec:  # tactic.system.save_system's format
+        held = {k: codec["config"].get(k) for k in model.config}
+        if codec["arch"] != Hyperprior.arch or held != model.config:
+            raise BadFileError(f"latent.checkpoint: {file} holds {codec['arch']} quality {held['quality']} (N={held['N']}, "
+                               f"M={held['M']}, in_channels={held['in_channels']}) but the codec is {want}")
+        state, held = codec["state"], f"{file} holds {_describe(held)}"
     else:
         state, held = _raw_state(obj), f"{file} holds {_describe_raw(obj.get('state_dict', obj))}"
     bad = _mismatch(state, model.state_dict())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from tactic.errors import TacticError
 from tactic.models.classifiers import _RepeatChannels, load_weights
 
 
@@ -77,9 +78,9 @@ def build_segmenter(arch: str, in_channels: int, num_classes: int, width: int = 
             load_weights(net, weights, ("head",))
         return net
     if arch != "fcn_resnet101":
-        raise ValueError(f"model.task.arch: unknown segmentation network {arch!r}")
+        raise TacticError(f"model.task.arch: unknown segmentation network {arch!r}")
     if in_channels not in (1, 3):
-        raise ValueError(f"{arch} takes 1 or 3 input channels, not {in_channels}")
+        raise TacticError(f"{arch} takes 1 or 3 input channels, not {in_channels}")
     from torchvision.models.segmentation import fcn_resnet101
 
     net = fcn_resnet101(weights=None, weights_backbone=None, aux_loss=False, num_classes=num_classes)
