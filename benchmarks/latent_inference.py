@@ -4,7 +4,7 @@
                                           [--repeats 5] [--device cpu] [--prepared data/prepared]
                                           [--codec CHECKPOINT]
 
-Encodes the images once (bmshj2018-hyperprior, framed streams as `tactic.models.hyperprior.encode`
+Encodes the images once (bmshj2018-hyperprior, framed streams as `tactic.codecs.hyperprior.encode`
 writes them), then times over the same streams (per batch the best of `--repeats`, sides in turn):
 
     (a) compressed domain: entropy decode (z, then y)  + cResNet-39 on (y_hat, sigma_hat)
@@ -27,8 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tactic.models.cresnet import CResNet39
-from tactic.models.hyperprior import Hyperprior, decode_latents, decode_pixels, encode, load_hyperprior, pad
+from tactic.tasks.cresnet import CResNet39
+from tactic.codecs.hyperprior import Hyperprior, decode_latents, decode_pixels, encode, load_hyperprior, pad
 
 
 def images(n: int, size: int, prepared: str | None) -> tuple[torch.Tensor, int]:

@@ -4,7 +4,8 @@
 
 Runs in two fresh copies of the repo (so neither finds the other's outputs), first `dvc repro`
 (serial, DVC alone), then the `tactic` flow (a temporary Prefect server, a local Dask cluster),
-and prints both wall times and their ratio. On the smoke profile the ratio shows what Prefect and
+and prints both wall times and their ratio, and how many training stages the flow ran at once (the
+most MLflow stage runs open at the same moment). On the smoke profile the ratio shows what Prefect and
 Dask add; on the default profile, whether the fan-out over the cores beats DVC's serial run.
 """
 from __future__ import annotations
@@ -41,6 +42,20 @@ def timed(cmd, cwd, env) -> float:
     return time.perf_counter() - t0
 
 
+def most_at_once(db: str) -> int:
+    """The most training-stage MLflow runs open at one moment: > 1 means the flow fanned out."""
+    import mlflow
+
+    mlflow.set_tracking_uri(db)
+    runs = mlflow.search_runs(experiment_names=["tactic"], filter_string="tags.dvc_stage LIKE 'train_%'")
+    events = sorted([(t.value, 1) for t in runs["start_time"]] + [(t.value, -1) for t in runs["end_time"]])
+    open_, most = 0, 0
+    for _, step in events:
+        open_ += step
+        most = max(most, open_)
+    return most
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="smoke")
@@ -57,7 +72,8 @@ def main():
         env = {**base, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/b.db", "PYTHONPATH": str(flow_repo)}
         t_flow = timed([sys.executable, "-m", "pipeline.flow", "--workers", str(args.workers)], flow_repo, env)
         print(f"profile {args.profile}: dvc repro {t_dvc:.1f} s, Prefect flow on Dask ({args.workers} workers) {t_flow:.1f} s, "
-              f"ratio flow/dvc {t_flow / t_dvc:.2f}")
+              f"ratio flow/dvc {t_flow / t_dvc:.2f}; training stages at once in the flow: at most "
+              f"{most_at_once(env['MLFLOW_TRACKING_URI'])}")
 
 
 if __name__ == "__main__":

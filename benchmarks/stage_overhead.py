@@ -43,7 +43,7 @@ args, p = cli.parse(argparse.ArgumentParser())
 with tracking.start_run("noop", "noop", {"stage": "noop"}):
     pass
 """
-IMPORTS = "import torch, torchvision, compressai, mlflow, tactic.experiment, tactic.models.codec, tactic.tracking"
+IMPORTS = "import torch, torchvision, compressai, mlflow, tactic.experiment.run, tactic.codecs.codec, tactic.tracking"
 
 
 def median_time(cmd, cwd, env, repeats: int) -> float:

@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py [--images 4000] [--repeats 3]
 
-1. Training: the project's loop (`tactic.train.fit`: memory-mapped batches, loss parts, the auxiliary
+1. Training: the project's loop (`tactic.experiment.train.fit`: memory-mapped batches, loss parts, the auxiliary
    quantile optimiser, progress bar, per-epoch validation and checkpoint) against a bare PyTorch loop
    over the same model and the same batches already in memory. Goal: ratio >= 0.9.
 2. Coding: the TACTIC codec's real entropy coding (compress + decompress, batched) against Pillow
@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tactic import jpeg
+from tactic.codecs import jpeg
 from tactic.config import load_params
 from tactic.data import batches, to_float
 from tactic.data.prepare import prepare
 from tactic.data.prepared import Split, load_split, read_meta
 from tactic.losses import TacticLoss
-from tactic.system import System, build_codec, build_task, resolve_device
-from tactic.train import fit, make_optimizers
+from tactic.experiment.system import System, build_codec, build_task, resolve_device
+from tactic.experiment.train import fit, make_optimizers
 
 
 def _system(p, meta, mode):

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from tactic.config import Params
-from tactic.grid import pretrain_runs, task_runs
+from tactic.experiment.grid import pretrain_runs, task_runs
 
 # DVC's two lock errors: the repository lock (one `dvc` command at a time changes .dvc/), and the
 # rwlock of a stage's paths (another stage is writing what this one reads, or the reverse).

@@ -22,7 +22,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM as an exception, so cleanup runs (temporaries removed, the MLflow run ended KILLED)."""
 
 
+_MAIN_PID = None  # the stage's own process; forked workers (prepare's decoding pool) inherit the handler
+
+
 def _terminate(signum, frame):
+    if os.getpid() != _MAIN_PID:  # a worker that its pool terminates: die as SIGTERM would, no unwinding
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise Terminated("SIGTERM")
 
 
@@ -31,8 +38,10 @@ def run(main) -> None:
     unusable files; a missing file; divergence) print one clear line, no traceback. Anything else is
     a bug and shows its traceback. SIGTERM unwinds like Ctrl-C, then ends the process by that signal."""
     from tactic.errors import TacticError
-    from tactic.train import DivergenceError
+    from tactic.experiment.train import DivergenceError
 
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     signal.signal(signal.SIGTERM, _terminate)
     try:
         main()

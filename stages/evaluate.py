@@ -2,7 +2,7 @@
 
     python -m stages.evaluate [--out results/eval.json]
 
-Writes one row per run (see tactic.evaluate) and logs the test metrics into each run's own MLflow
+Writes one row per run (see tactic.experiment.evaluate) and logs the test metrics into each run's own MLflow
 run, so the MLflow UI shows loss weights, bpp and accuracy side by side.
 """
 from stages.server import handoff
@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from stages import cli
-from tactic.experiment import evaluate_grid
+from tactic.experiment.run import evaluate_grid
 
 
 def main(argv=None):

@@ -10,18 +10,14 @@ import argparse
 from pathlib import Path
 
 from stages import cli
-from tactic import tracking
-from tactic.data.prepare import prepare
+from tactic.data.prepare import prepare_tracked
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("data/prepared"))
     args, p = cli.parse(ap, argv)
-    with tracking.start_run("prepare", "prepare", {"stage": "prepare", **p.prepare.model_dump()}):
-        meta = prepare(p.prepare, args.out)
-        tracking.log_metrics({**{f"num_{k}": v for k, v in meta["counts"].items()}, "num_skipped": meta["skipped"]})
-        tracking.log_artifact(args.out / "skipped.json")
+    meta = prepare_tracked(p.prepare, args.out)
     print(f"prepared {meta['dataset']}: {meta['counts']} -> {args.out}")
     if meta["skipped"]:
         print(f"skipped {meta['skipped']} unreadable images: listed in {args.out / 'skipped.json'}")

@@ -10,8 +10,8 @@ import argparse
 from pathlib import Path
 
 from stages import cli
-from tactic.experiment import pretrain_codec
-from tactic.grid import Run
+from tactic.experiment.run import pretrain_codec
+from tactic.experiment.grid import Run
 
 
 def main(argv=None):

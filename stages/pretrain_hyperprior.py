@@ -11,8 +11,8 @@ import argparse
 from pathlib import Path
 
 from stages import cli
-from tactic.experiment import pretrain_hyperprior
-from tactic.grid import Run
+from tactic.experiment.run import pretrain_hyperprior
+from tactic.experiment.grid import Run
 
 
 def main(argv=None):

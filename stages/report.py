@@ -7,12 +7,10 @@ from stages.server import handoff
 handoff(__name__)  # into a preloaded stage server, when one runs (stages/server.py)
 
 import argparse
-import json
 from pathlib import Path
 
 from stages import cli
-from tactic import tracking
-from tactic.report import write_report
+from tactic.report import report_tracked
 
 
 def main(argv=None):
@@ -20,13 +18,7 @@ def main(argv=None):
     ap.add_argument("--eval", type=Path, default=Path("results/eval.json"))
     ap.add_argument("--out", type=Path, default=Path("results"))
     args, p = cli.parse(ap, argv)
-    rows = json.loads(args.eval.read_text())
-    with tracking.start_run("report", "report", {"stage": "report", "num_runs": len(rows)}):
-        summary = write_report(rows, args.out, p.report.title, p.prepare.dataset)
-        tracking.log_metrics({**{k: v for k, v in summary.items() if isinstance(v, (int, float))},
-                              "num_runs_at_chance": len(summary["runs_at_chance"])})
-        for name in ("rate_accuracy.png", "table.md", "summary.md", "summary.json", "points.csv"):
-            tracking.log_artifact(args.out / name)
+    report_tracked(args.eval, args.out, p.report.title, p.prepare.dataset)
     print((args.out / "table.md").read_text())
     print((args.out / "summary.md").read_text())  # every figure of summary.json, with its spread and notes
     print(f"plot: {(args.out / 'rate_accuracy.png').resolve()}")

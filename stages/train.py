@@ -15,8 +15,8 @@ import argparse
 from pathlib import Path
 
 from stages import cli
-from tactic.experiment import train_task
-from tactic.grid import MODES, Run
+from tactic.experiment.run import train_task
+from tactic.experiment.grid import MODES, Run
 
 
 def main(argv=None):

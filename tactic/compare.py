@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from tactic import tracking
-from tactic.grid import MODES
+from tactic.experiment.grid import MODES
 from tactic.io import write_text
 from tactic.metrics import ALL_TEST_METRICS
 from tactic.report import aggregate, points_csv, table

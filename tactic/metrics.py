@@ -8,6 +8,8 @@ Segmentation is scored from one confusion matrix summed over the whole test spli
 """
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 import torch
 
@@ -150,3 +152,31 @@ def at_chance(accuracy: float, classes: int, n: int) -> bool:
     errors: a collapsed codec or a task network that never learned."""
     chance = 1 / classes
     return accuracy <= chance + 3 * (chance * (1 - chance) / n) ** 0.5
+
+
+class TaskScores:
+    """Accuracy summed over batches: top-k for classification; for segmentation a confusion matrix
+    over the whole split, giving pixel accuracy (as `accuracy`) and mean IoU (`miou`)."""
+
+    def __init__(self, ignore_index: int = 255):
+        self.ignore_index, self.sums, self.n, self.conf, self.classes = ignore_index, defaultdict(float), 0, None, None
+
+    def add(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        if logits.dim() == 4:
+            conf = confusion_matrix(logits.argmax(1), y, logits.shape[1], self.ignore_index)
+            self.conf = conf if self.conf is None else self.conf + conf
+        else:
+            self.classes = logits.shape[1]
+            for k, c in topk_correct(logits, y).items():
+                self.sums[f"top{k}"] += c
+            self.n += len(y)
+
+    def result(self) -> dict:
+        if self.conf is not None:
+            scores = segmentation_scores(self.conf)
+            iou = [None if v != v else v for v in scores["iou"]]  # NaN (class never seen) -> null in JSON
+            return {"accuracy": scores["pixel_accuracy"], "miou": scores["miou"], "iou": iou}
+        out = {"accuracy": self.sums["top1"] / self.n, "num_classes": self.classes} if self.n else {}
+        if "top5" in self.sums:
+            out["top5"] = self.sums["top5"] / self.n
+        return out

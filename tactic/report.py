@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from tactic.grid import MODES
-from tactic.modes import MODES as MODE_TABLE
+from tactic import tracking
+from tactic.experiment.grid import MODES
+from tactic.experiment.modes import MODES as MODE_TABLE
 from tactic.io import atomic_path, write_json, write_text
 from tactic.metrics import ALL_TEST_METRICS as FIELDS
 from tactic.metrics import accuracy_at_rate, at_chance, bd_accuracy, bd_rate, rate_at_accuracy
@@ -43,7 +45,7 @@ def _curve(points, mode, field="accuracy"):
 
 
 # (mode, reference) pairs compared wherever both modes ran: TACTIC's, then the compressed-domain ones.
-# BD comparisons: each mode against its references (tactic.modes), in mode order.
+# BD comparisons: each mode against its references (tactic.experiment.modes), in mode order.
 PAIRS = tuple((name, ref) for name, mode in MODE_TABLE.items() for ref in mode.references)
 MATCH_TOLERANCE = 0.01  # "within 1 point of JPEG's accuracy at its lowest rate"
 
@@ -289,4 +291,17 @@ def write_report(rows: list[dict], out: Path, title: str, dataset: str) -> dict:
             write_json(out / "compressai" / f"{mode}.json", compressai_results(points, mode, dataset))
     plot(points, out / "rate_accuracy.png", title)
     write_json(out / "summary.json", summary)
+    return summary
+
+
+def report_tracked(eval_json: Path, out: Path, title: str, dataset: str) -> dict:
+    """The `report` stage: results/eval.json -> the report files under `out`, inside an MLflow run
+    that logs the summary's figures and the files."""
+    rows = json.loads(Path(eval_json).read_text())
+    with tracking.start_run("report", "report", {"stage": "report", "num_runs": len(rows)}):
+        summary = write_report(rows, out, title, dataset)
+        tracking.log_metrics({**{k: v for k, v in summary.items() if isinstance(v, (int, float))},
+                              "num_runs_at_chance": len(summary["runs_at_chance"])})
+        for name in ("rate_accuracy.png", "table.md", "summary.md", "summary.json", "points.csv"):
+            tracking.log_artifact(out / name)
     return summary

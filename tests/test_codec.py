@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tactic.losses import TacticLoss, bpp
-from tactic.models.codec import TacticCodec
+from tactic.codecs.codec import TacticCodec
 
 
 @pytest.mark.parametrize("channels, size", [(1, 28), (3, 64)])
@@ -64,7 +64,7 @@ def test_loss_parts():
 
 
 def test_task_weights_load_from_a_local_file(tmp_path):
-    from tactic.models.classifiers import build_classifier
+    from tactic.tasks.classifiers import build_classifier
 
     src = build_classifier("small-cnn", 1, 10, 8)
     torch.save(src.state_dict(), tmp_path / "w.pt")
@@ -83,7 +83,7 @@ def test_task_weights_load_from_a_local_file(tmp_path):
 
 def test_codecs_load_without_compressais_point_cloud_stack():
     """The stage processes skip torch_geometric (seconds each); the codecs must still work."""
-    script = ("import sys, torch; from tactic.models.codec import TacticCodec; from tactic.models.hyperprior import Hyperprior;"
+    script = ("import sys, torch; from tactic.codecs.codec import TacticCodec; from tactic.codecs.hyperprior import Hyperprior;"
               "m = TacticCodec(1, 8, 4).eval(); m.update(force=True); x = torch.rand(1, 1, 16, 16);"
               "o = m.compress(x); m.decompress(o['strings'], o['shape']);"
               "print('torch_geometric' in sys.modules, 'torch._dynamo' in sys.modules)")

@@ -9,11 +9,11 @@ import torch
 from tactic.config import merged, parse_params
 from tactic.data import batches
 from tactic.data.prepared import load_split
-from tactic.experiment import evaluate_run, pretrain_codec, train_task
-from tactic.grid import Run
+from tactic.experiment.run import evaluate_run, pretrain_codec, train_task
+from tactic.experiment.grid import Run
 from tactic.metrics import psnr
-from tactic.models.codec import TacticCodec
-from tactic.system import load_codec
+from tactic.codecs.codec import TacticCodec
+from tactic.experiment.system import load_codec
 
 from conftest import TINY
 
@@ -85,7 +85,7 @@ def test_aware_beats_agnostic_at_a_high_beta(learn):
 def test_training_reconstruction_is_the_rounded_one_of_test_time(arch):
     """Straight-through quantisation: in training the decoder (and the task net behind it) sees exactly
     the reconstruction the bitstream decodes to at test time, while the rate still uses noisy latents."""
-    from tactic.models.hyperprior import Hyperprior
+    from tactic.codecs.hyperprior import Hyperprior
 
     torch.manual_seed(0)
     codec = TacticCodec(1, 8, 4) if arch == "tactic" else Hyperprior(1, 1, N=8, M=8)

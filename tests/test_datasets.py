@@ -11,15 +11,7 @@ from tactic.data.errors import DatasetError
 from tactic.data.images import load_image
 from tactic.data.prepare import prepare
 from tactic.data.prepared import load_split, read_meta
-
-# dataset -> (fixture maker, its kwargs, prepare params beyond dataset/root)
-CLASSIFICATION = {
-    "minc-2500": (fixtures.minc, {"classes": 3}, {"classes": 3}),
-    "resisc-45": (fixtures.resisc, {"classes": 3}, {"classes": 3}),
-    "rsscn7": (fixtures.rsscn7, {}, {}),
-    "imagenet-50": (fixtures.imagenet, {"classes": 3}, {"classes": 3}),
-}
-
+from tests.helpers import CLASSIFICATION
 
 def _cfg(dataset, root, **kw):
     return PrepareParams(dataset=dataset, root=str(root), size=32, workers=2, **kw)

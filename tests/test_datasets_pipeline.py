@@ -7,10 +7,9 @@ import yaml
 
 from stages import evaluate, prepare, pretrain, pretrain_hyperprior, report, train
 from tactic.config import parse_params
-from tactic.grid import pretrain_runs, task_runs
+from tactic.experiment.grid import pretrain_runs, task_runs
 from tactic.data import fixtures
-from tests.conftest import FMNIST_ROOT, TINY, repo_params
-from tests.test_datasets import CLASSIFICATION
+from tests.helpers import CLASSIFICATION, FMNIST_ROOT, TINY, repo_params
 
 SEGMENTATION = {"model": {"codec": {"N": 8, "M": 4}, "task": {"task": "segmentation", "arch": "small-fcn", "width": 8}}}
 

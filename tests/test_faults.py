@@ -14,12 +14,11 @@ import torch
 import yaml
 
 from tactic.config import merged
-from tactic.experiment import train_task
-from tactic.grid import Run
+from tactic.experiment.run import train_task
+from tactic.experiment.grid import Run
 from tactic.io import BadFileError, load_torch, process_start
-from tests.conftest import REPO, TINY
+from tests.helpers import BIN, REPO, TINY
 
-BIN = Path(sys.executable).parent
 # Enough steps per epoch (one thread) that a kill lands inside the first epoch or between checkpoints.
 SLOW = merged(TINY, {"prepare": {"train_size": 3000}, "train": {"epochs": 4, "batch_size": 8}})
 
@@ -162,7 +161,7 @@ def test_divergence_in_a_stage_process_is_a_clear_error_and_a_failed_run(tmp_pat
 
 
 def _bad_files(tmp_path: Path) -> dict:
-    from tactic.models.classifiers import SmallCNN
+    from tactic.tasks.classifiers import SmallCNN
 
     good = tmp_path / "good.pth"
     torch.save(SmallCNN(1, 10, 8).state_dict(), good)
@@ -193,8 +192,8 @@ def test_bad_weights_files_name_the_param_the_path_and_the_fault(tmp_path, prepa
 
 def test_every_file_a_stage_reads_is_named_when_it_is_bad(tmp_path, tiny_params, prepared):
     from tactic.data.prepared import read_meta
-    from tactic.models.hyperprior import load_hyperprior
-    from tactic.system import load_system
+    from tactic.codecs.hyperprior import load_hyperprior
+    from tactic.experiment.system import build_task, load_system
 
     junk, half = tmp_path / "junk.pt", tmp_path / "half.pt"
     junk.write_bytes(b"\x00" * 100)
@@ -204,11 +203,11 @@ def test_every_file_a_stage_reads_is_named_when_it_is_bad(tmp_path, tiny_params,
     with pytest.raises(BadFileError, match=f"latent.checkpoint: {junk}: not a PyTorch file"):
         load_hyperprior(junk, 1)
     with pytest.raises(BadFileError, match=f"the model of stage x: {half}: truncated"):
-        load_system(half, tiny_params, read_meta(prepared), what="the model of stage x")
+        load_system(half, lambda codec: build_task(tiny_params, read_meta(prepared)), what="the model of stage x")
     wide = merged(TINY, {"model": {"task": {"width": 16}}})
     from tactic.config import parse_params
     with pytest.raises(BadFileError, match=f"{model} does not fit SmallCNN \\(wrong architecture"):
-        load_system(model, parse_params(wide), read_meta(prepared))
+        load_system(model, lambda codec: build_task(parse_params(wide), read_meta(prepared)))
     with pytest.raises(FileNotFoundError, match="latent.weights: no such file"):
         load_torch(tmp_path / "nothing.pth", "latent.weights")
 
@@ -276,3 +275,16 @@ def test_expected_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
             cli.run(bug)
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+@pytest.mark.slow
+def test_sigterm_of_prepare_unwinds_removes_its_temporary_and_ends_the_run_killed(tmp_path, fmnist_root):
+    work = _workdir(tmp_path, merged(TINY, {"prepare": {"train_size": 20000, "test_size": 5000, "workers": 2}}))
+    proc = _start(work, "stages.prepare")
+    temp = _wait(lambda: [p for p in (work / "data").glob(".prepared.*") if p.is_dir()], "prepare's temporary folder", proc)
+    _wait(lambda: any(temp[0].rglob("*.npy")), "its first array", proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM, proc.stdout.read()  # its decoding workers die with it
+    assert "terminated (SIGTERM)" in proc.stdout.read()
+    assert not list((work / "data").iterdir())  # no temporary, no prepared data
+    assert [r.info.status for r in _runs("prepare")] == ["KILLED"]

@@ -15,8 +15,7 @@ import yaml
 from tactic.profiles import resolve_params, write_params
 from pipeline.stages import StageFailed, run_dvc_stage, stage_env, stage_graph
 from tactic.config import ParamsError, parse_params
-from tests.conftest import REPO, repo_params
-from tests.test_pipeline import BIN, _copy_repo
+from tests.helpers import BIN, REPO, copy_repo, repo_params
 
 
 def test_overrides_are_validated_before_anything_runs():
@@ -53,7 +52,7 @@ def test_stage_graph_matches_dvc_yaml(tmp_path, extra):
     """The flow runs exactly DVC's stages, each after what it needs, for every task and mode: with the
     end-to-end deployment test (classification) this stands for running the others through Prefect."""
     raw = resolve_params(REPO, profile="smoke", betas=extra["betas"], params=extra["params"]) if extra else repo_params({})
-    repo = _copy_repo(tmp_path / "repo", raw)
+    repo = copy_repo(tmp_path / "repo", raw)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)  # .dvc/ came with the copy
     graph = stage_graph(parse_params(raw))
     listed = subprocess.run([BIN / "dvc", "stage", "list", "--name-only"], cwd=repo, capture_output=True, text=True, check=True)
@@ -122,21 +121,24 @@ def _flow_run_id(output: str) -> str:
     raise AssertionError(f"no flow run id in:\n{output}")
 
 
-@pytest.mark.slow
-def test_deployment_end_to_end(tmp_path, fmnist_root):
-    repo = _copy_repo(tmp_path / "repo", repo_params({}))
+@pytest.fixture(scope="module")
+def flow_runs(tmp_path_factory, fmnist_root):
+    """The README's Prefect path on a copy of the repo: the server (detached, its log in .prefect/),
+    the deployment served with two Dask workers, and three deployment runs of the smoke profile at
+    one operating point per mode: with a junk weights file (fails), then as is (twice)."""
+    tmp_path = tmp_path_factory.mktemp("flow")
+    repo = copy_repo(tmp_path / "repo", repo_params({}))
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     port = _free_port()
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp_path / "prefect"),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_UI_ENABLED": "false",  # the API is all this test reads; the UI's assets cost start-up time
+           "PREFECT_SERVER_UI_ENABLED": "false",  # the API is all these tests read; the UI's assets cost start-up time
            "MLFLOW_TRACKING_URI": db, "PYTHONPATH": str(repo), "TACTIC_DASK_WORKERS": "2", "PYTHONUNBUFFERED": "1"}
     logs = tmp_path / "logs"
     logs.mkdir()
     served = None
     try:
-        # The README's commands: the server (detached, log in .prefect/), then the deployment.
         started = subprocess.run([sys.executable, "-m", "pipeline.server", "start"], cwd=repo, env=env, capture_output=True,
                                  text=True, timeout=180)
         assert started.returncode == 0, started.stdout + started.stderr
@@ -145,62 +147,83 @@ def test_deployment_end_to_end(tmp_path, fmnist_root):
         _wait_for(lambda: subprocess.run([BIN / "prefect", "deployment", "inspect", "tactic/full"], env=env,
                                          capture_output=True).returncode == 0, 120, "the deployment")
 
-        # One operating point per mode keeps this test short: every stage kind still runs.
         def run(weights=None):
             return _deployment_run(env, repo, "--params", json.dumps({"profile": "smoke", "betas": [0.004], "params": {
                 "jpeg": {"qualities": [5]}, "model": {"task": {"weights": weights}}}}))
 
-        # 1. A stage fails (the task networks' weights file is junk): the flow run fails, and the
-        # stage's own message is in the flow run's logs.
         junk = tmp_path / "junk.pt"
         junk.write_bytes(os.urandom(1000))
-        bad = run(weights=str(junk))
-        assert bad.returncode != 0, bad.stdout
-        failed_id = _flow_run_id(bad.stdout)
-        flow_logs = subprocess.run([BIN / "prefect", "flow-run", "logs", failed_id], env=env, capture_output=True, text=True).stdout
-        assert f"model.task.weights: {junk}: not a PyTorch file" in flow_logs, flow_logs[-3000:]
-
-        # 2. The next run continues from what finished: codecs are not trained again.
-        good = run()
-        assert good.returncode == 0, good.stdout[-3000:] + (logs / "serve.log").read_text()[-5000:]
-        good_id = _flow_run_id(good.stdout)
-
+        runs = {"junk": junk, "env": env, "repo": repo, "db": db, "tmp": tmp_path}
+        runs["bad"] = run(weights=str(junk))
+        runs["good"] = run()
+        assert runs["good"].returncode == 0, runs["good"].stdout[-3000:] + (logs / "serve.log").read_text()[-5000:]
+        runs["again"] = run()
         mlflow.set_tracking_uri(db)
-        parents = mlflow.search_runs(experiment_names=["tactic"], filter_string=f"tags.prefect_flow_run_id = '{good_id}'")
-        assert len(parents) == 1 and parents.iloc[0]["tags.git_commit"]
-        parent_id = parents.iloc[0]["run_id"]
-        children = mlflow.search_runs(experiment_names=["tactic"], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-        stages = set(children["tags.dvc_stage"].dropna())
-        assert not any(s.startswith(("pretrain", "prepare")) for s in stages)  # done by the failed run, not redone
-        assert {"evaluate", "report", "train_aware@0.004-0", "train_agnostic@0.004-0", "train_jpeg@5-0"} <= stages
-        trained = children[children["tags.dvc_stage"].str.startswith("train_")]
-        assert trained["metrics.accuracy"].notna().all() and (trained["metrics.bpp"] > 0).all()
-
-        # 3. One Prefect task per stage, and with two workers some training stages ran at the same time.
-        tasks = _task_runs(env, good_id)
-        assert set(tasks) == {"prepare", "weights", "pretrain@0.004-0", "train_uncompressed@0", "train_jpeg@5-0", "train_agnostic@0.004-0",
-                              "train_aware@0.004-0", "evaluate", "report"}
-        spans = sorted(span for name, span in tasks.items() if name.startswith("train_"))
-        assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans
-
-        # 4. `compare` prints the operating points of that flow run.
-        out = subprocess.run([BIN / "tactic", "compare", "--parent", parent_id, "--csv", str(tmp_path / "c.csv")], cwd=repo,
-                             env=env, capture_output=True, text=True)
-        assert out.returncode == 0 and "| aware | beta=0.004 | 1 |" in out.stdout, out.stderr
-        assert (tmp_path / "c.csv").read_text().startswith("mode,beta,quality,bpp")
-
-        # 5. Nothing changed: a third run trains nothing.
-        again = run()
-        assert again.returncode == 0
-        again_id = _flow_run_id(again.stdout)
-        parent3 = mlflow.search_runs(experiment_names=["tactic"], filter_string=f"tags.prefect_flow_run_id = '{again_id}'").iloc[0]
-        assert parent3["metrics.stages_ran"] == 1  # `weights` only: it re-hashes the files params name on every run
-
+        yield runs
     finally:
         if served is not None:
             os.killpg(served.pid, 15)
             served.wait(timeout=30)
         subprocess.run([sys.executable, "-m", "pipeline.server", "stop"], cwd=repo, env=env, timeout=60)
+
+
+def _parent(flow_run_id: str):
+    parents = mlflow.search_runs(experiment_names=["tactic"], filter_string=f"tags.prefect_flow_run_id = '{flow_run_id}'")
+    assert len(parents) == 1 and parents.iloc[0]["tags.git_commit"]
+    return parents.iloc[0]
+
+
+PREFECT = pytest.mark.xdist_group("prefect")  # one worker runs them all: the fixture's flow runs are made once
+
+
+@pytest.mark.slow
+@PREFECT
+def test_a_failing_stage_fails_the_flow_run_with_its_own_message(flow_runs):
+    bad = flow_runs["bad"]
+    assert bad.returncode != 0, bad.stdout
+    logs = subprocess.run([BIN / "prefect", "flow-run", "logs", _flow_run_id(bad.stdout)], env=flow_runs["env"],
+                          capture_output=True, text=True).stdout
+    assert f"model.task.weights: {flow_runs['junk']}: not a PyTorch file" in logs, logs[-3000:]
+
+
+@pytest.mark.slow
+@PREFECT
+def test_the_next_run_continues_from_what_finished(flow_runs):
+    parent = _parent(_flow_run_id(flow_runs["good"].stdout))
+    children = mlflow.search_runs(experiment_names=["tactic"], filter_string=f"tags.mlflow.parentRunId = '{parent['run_id']}'")
+    stages = set(children["tags.dvc_stage"].dropna())
+    assert not any(s.startswith(("pretrain", "prepare")) for s in stages)  # done by the failed run, not redone
+    assert {"evaluate", "report", "train_aware@0.004-0", "train_agnostic@0.004-0", "train_jpeg@5-0"} <= stages
+    trained = children[children["tags.dvc_stage"].str.startswith("train_")]
+    assert trained["metrics.accuracy"].notna().all() and (trained["metrics.bpp"] > 0).all()
+
+
+@pytest.mark.slow
+@PREFECT
+def test_one_prefect_task_per_stage(flow_runs):
+    # How many ran at once is measured by benchmarks/orchestration.py, not asserted.
+    tasks = _task_runs(flow_runs["env"], _flow_run_id(flow_runs["good"].stdout))
+    assert set(tasks) == {"prepare", "weights", "pretrain@0.004-0", "train_uncompressed@0", "train_jpeg@5-0",
+                          "train_agnostic@0.004-0", "train_aware@0.004-0", "evaluate", "report"}
+
+
+@pytest.mark.slow
+@PREFECT
+def test_compare_prints_the_operating_points_of_a_flow_run(flow_runs):
+    parent = _parent(_flow_run_id(flow_runs["good"].stdout))
+    csv = flow_runs["tmp"] / "c.csv"
+    out = subprocess.run([BIN / "tactic", "compare", "--parent", parent["run_id"], "--csv", str(csv)], cwd=flow_runs["repo"],
+                         env=flow_runs["env"], capture_output=True, text=True)
+    assert out.returncode == 0 and "| aware | beta=0.004 | 1 |" in out.stdout, out.stderr
+    assert csv.read_text().startswith("mode,beta,quality,bpp")
+
+
+@pytest.mark.slow
+@PREFECT
+def test_an_unchanged_run_trains_nothing(flow_runs):
+    again = flow_runs["again"]
+    assert again.returncode == 0
+    assert _parent(_flow_run_id(again.stdout))["metrics.stages_ran"] == 1  # `weights` only: it re-hashes what params name
 
 
 def _dvc_repo(tmp_path: Path) -> Path:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tactic import jpeg
+from tactic.codecs import jpeg
 from tactic.data import fashion_mnist
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tactic.models.cresnet import CResNet39
-from tactic.models.hyperprior import (
+from tactic.tasks.cresnet import CResNet39
+from tactic.codecs.hyperprior import (
     LMBDA, Hyperprior, channels, decode_latents, decode_pixels, encode, load_hyperprior, pad,
 )
 
@@ -102,7 +102,7 @@ def test_a_damaged_bitstream_names_its_image():
 
 def _save(path, codec):
     """As the pretrain_hyperprior stage saves its codec."""
-    from tactic.system import System, save_system
+    from tactic.experiment.system import System, save_system
 
     save_system(path, System(codec=codec), "pretrain-hyperprior/q1/s0")
 
@@ -165,8 +165,8 @@ def test_training_latents_are_integers_and_pass_the_task_gradient_to_the_encoder
 def test_rate_distortion_training_lowers_the_loss():
     """The pretrain_hyperprior stage's loss (CompressAI's: lambda * 255^2 * MSE + bpp) and optimisers."""
     from tactic.losses import TacticLoss
-    from tactic.system import System
-    from tactic.train import make_optimizers
+    from tactic.experiment.system import System
+    from tactic.experiment.train import make_optimizers
 
     torch.manual_seed(0)
     codec = Hyperprior(8, N=8, M=12).train()

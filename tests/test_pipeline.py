@@ -10,25 +10,11 @@ import pytest
 import yaml
 
 from tactic.config import parse_params
-from tactic.grid import pretrain_runs, task_runs
-from tactic.io import copy_tracked
-from tests.conftest import REPO, TINY, repo_params
-
-BIN = Path(sys.executable).parent
-
-
-def _env(db_uri):
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": db_uri, "PYTHONUNBUFFERED": "1"}
-
-
-def _copy_repo(dest: Path, params: dict) -> Path:
-    copy_tracked(REPO, dest)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return dest
-
+from tactic.experiment.grid import pretrain_runs, task_runs
+from tests.helpers import BIN, REPO, TINY, copy_repo, repo_params, subprocess_env
 
 def _stage(args, cwd, db_uri):
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=_env(db_uri), capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=subprocess_env(db_uri), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -36,13 +22,13 @@ def test_dvc_repro_runs_the_grid_then_does_nothing(tmp_path, fmnist_root, _mlflo
     # One operating point per mode (8 stages): each stage process costs ~10 s of imports and MLflow
     # set-up, and the grid's width is covered in-process by tests/test_datasets_pipeline.py.
     small = {**TINY, "betas": [0.004], "jpeg": {"qualities": [5]}}
-    repo = _copy_repo(tmp_path / "repo", repo_params(small))
-    env = _env(_mlflow_db)
+    repo = copy_repo(tmp_path / "repo", repo_params(small))
+    env = subprocess_env(_mlflow_db)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)  # .dvc/ came with the copy
     p = parse_params(small)
     listed = subprocess.run([BIN / "dvc", "stage", "list", "--name-only"], cwd=repo, env=env, capture_output=True, text=True, check=True)
     expected = {r.stage for r in pretrain_runs(p) + task_runs(p)} | {"prepare", "weights", "evaluate", "report"}
-    assert set(listed.stdout.split()) == expected  # tactic.grid names stages exactly as DVC does
+    assert set(listed.stdout.split()) == expected  # tactic.experiment.grid names stages exactly as DVC does
 
     first = subprocess.run([BIN / "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -90,3 +76,24 @@ def test_prepare_without_the_data_says_how_to_get_it(tmp_path):
 def test_train_before_prepare_says_which_stage(tmp_path):
     out = _stage(["stages.train", "uncompressed", "--seed", "0", "--data", str(tmp_path / "none")], tmp_path, "sqlite:///" + str(tmp_path / "m.db"))
     assert out.returncode == 2 and "run the prepare stage first" in out.stderr
+
+
+def test_each_stage_depends_on_every_module_it_imports_and_not_on_the_report(tmp_path):
+    """DVC re-runs a stage when a dep changes: a module a stage imports but does not list would let
+    stale results pass; and the report's code (which training never imports) must not re-train."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    seen = {}
+    for name, entry in [("prepare", "stages.prepare"), ("pretrain", "stages.pretrain"), ("train_aware", "stages.train"),
+                        ("train_latent_joint", "stages.train"), ("evaluate", "stages.evaluate"), ("report", "stages.report")]:
+        listing = ("print('\\n'.join(sorted(m.__file__ for m in list(sys.modules.values()) "
+                   "if getattr(m, '__file__', None) and m.__name__.startswith(('tactic', 'stages')))))")
+        script = f"import sys, {entry}; {listing}"
+        if entry not in seen:
+            seen[entry] = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True,
+                                         env={**os.environ, "TACTIC_STAGE_SERVER": "0"}).stdout
+        imported = {str(Path(f).relative_to(REPO)) for f in seen[entry].split()}
+        imported = {f for f in imported if f not in ("stages/__init__.py", "stages/server.py", "stages/cli.py", "tactic/__init__.py")}
+        deps = [d for d in stages[name]["deps"] if d.startswith(("tactic", "stages"))]
+        missing = [f for f in imported if not any(f == d or f.startswith(d + "/") for d in deps)]
+        assert not missing, (name, missing)
+        assert "tactic" not in deps and not any(d.startswith("tactic/report") for d in deps if name != "report"), name

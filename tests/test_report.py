@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +111,13 @@ def test_runs_at_chance_are_flagged_not_dropped(tmp_path):
     assert summary["runs_at_chance"] == [collapsed["run"]] and summary["num_runs"] == len(rows)
     assert "**At chance accuracy**" in (tmp_path / "summary.md").read_text() and collapsed["run"] in (tmp_path / "summary.md").read_text()
     assert write_report(_rows(), tmp_path, "test", "fashion-mnist")["runs_at_chance"] == []
+
+
+def test_golden_smoke_report(tmp_path):
+    """The smoke profile's evaluated rows (tests/golden/smoke_eval.json, from `dvc repro` of the smoke
+    profile) give the stored table and summary byte for byte: a refactoring of the report that
+    changes a figure, a rounding or an order fails here. Regenerate only for a change meant to show."""
+    golden = Path(__file__).parent / "golden"
+    write_report(json.loads((golden / "smoke_eval.json").read_text()), tmp_path, "golden", "fashion-mnist")
+    assert (tmp_path / "table.md").read_text() == (golden / "smoke_table.md").read_text()
+    assert (tmp_path / "summary.md").read_text() == (golden / "smoke_summary.md").read_text()

@@ -1,6 +1,5 @@
 """Segmentation pieces: confusion-matrix scores, Dice and CE losses, segmenters, the canvas set."""
 import math
-import time
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from tactic.data import fashion_mnist
 from tactic.data.canvases import canvas_classes, canvas_layout, make_canvases
 from tactic.losses import SegmentationLoss, TacticLoss, dice_loss
 from tactic.metrics import confusion_matrix, segmentation_scores
-from tactic.models.segmenters import build_segmenter
+from tactic.tasks.segmenters import build_segmenter
 
 IGNORE = 255
 
@@ -250,9 +249,8 @@ def test_canvases_with_colour_items_and_names():
         make_canvases(item, np.array([0]), 1, size=3)
 
 
-def test_3000_canvases_are_quick(items):
-    start = time.perf_counter()
-    canvases, masks = make_canvases(*items, 3000, seed=0)
-    assert time.perf_counter() - start < 2.0
+def test_canvases_are_mostly_items_not_background(items):
     # Items cover a good share of each canvas: a segmentation set, not mostly background.
+    # (How fast canvases are made is measured in benchmarks/canvases.py.)
+    canvases, masks = make_canvases(*items, 300, seed=0)
     assert 0.1 < (masks > 0).mean() < 0.6

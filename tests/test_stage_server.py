@@ -15,8 +15,7 @@ import yaml
 
 from pipeline.stages import stage_graph
 from tactic.config import parse_params
-from tests.conftest import REPO, TINY, repo_params
-from tests.test_pipeline import _copy_repo
+from tests.helpers import REPO, TINY, copy_repo, repo_params
 
 # One worker runs them all (`--dist loadgroup`): the server's preload (~8 s) is paid once.
 pytestmark = pytest.mark.xdist_group("stage_server")
@@ -117,7 +116,7 @@ def test_results_are_the_same_with_and_without_the_server(server, tmp_path, fmni
     env = {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     results = {}
     for how in ("served", "plain"):
-        repo = _copy_repo(tmp_path / how, small)
+        repo = copy_repo(tmp_path / how, small)
         run_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / how}.db"}
         before = _served(env)
         if how == "served":

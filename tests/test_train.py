@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tactic import tracking
-from tactic.experiment import evaluate_run, pretrain_codec, train_task
-from tactic.grid import Run
+from tactic.experiment.run import evaluate_run, pretrain_codec, train_task
+from tactic.experiment.grid import Run
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_agnostic_keeps_the_codec_frozen(tiny_params, prepared, codec_models, tm
 
 def test_divergence_stops_at_the_step_names_the_part_and_fails_the_run(tiny_params, prepared, codec_models, tmp_path):
     from tactic.config import merged, parse_params
-    from tactic.train import DivergenceError
+    from tactic.experiment.train import DivergenceError
 
     p = parse_params(merged(tiny_params.model_dump(), {"train": {"lr": 1e12, "codec_lr": 1e12}}))
     run = Run("aware", 0, beta=0.03)

@@ -19,12 +19,13 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
+from tactic import tracking
 from tactic.config import PrepareParams
 from tactic.data.errors import DatasetError
-from tactic.errors import TacticError
 from tactic.data.images import Bad, load_pair
 from tactic.data.layouts import CITYSCAPES_TRAIN_IDS, IGNORE, Index, index as index_dataset
 from tactic.data.prepared import SPLITS, RowFile, prepared_dir, stratified_split
+from tactic.errors import TacticError
 from tactic.io import write_json
 
 
@@ -189,4 +190,14 @@ def prepare(cfg: PrepareParams, out: str | Path) -> dict:
     finally:
         if pool:
             pool.terminate()
+    return meta
+
+
+def prepare_tracked(cfg: PrepareParams, out: str | Path) -> dict:
+    """The `prepare` stage: `prepare` inside an MLflow run that logs the counts and the skipped images."""
+    out = Path(out)
+    with tracking.start_run("prepare", "prepare", {"stage": "prepare", **cfg.model_dump()}):
+        meta = prepare(cfg, out)
+        tracking.log_metrics({**{f"num_{k}": v for k, v in meta["counts"].items()}, "num_skipped": meta["skipped"]})
+        tracking.log_artifact(out / "skipped.json")
     return meta

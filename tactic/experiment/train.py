@@ -16,8 +16,8 @@ from tactic.data import batches, num_batches
 from tactic.data.prepared import Split
 from tactic.io import save_torch
 from tactic.losses import TacticLoss
-from tactic.metrics import confusion_matrix, psnr, segmentation_scores, topk_correct
-from tactic.system import System
+from tactic.metrics import TaskScores, psnr
+from tactic.experiment.system import System
 
 
 def fingerprint(*parts) -> str:
@@ -58,34 +58,6 @@ def make_optimizers(system: System, lr: float, codec_lr: Optional[float] = None,
         groups.append({"params": [v for k, v in named.items() if not k.endswith(".quantiles")], "lr": codec_lr or lr})
         aux = torch.optim.Adam([v for k, v in named.items() if k.endswith(".quantiles")], lr=aux_lr)
     return torch.optim.Adam(groups), aux
-
-
-class TaskScores:
-    """Accuracy summed over batches: top-k for classification; for segmentation a confusion matrix
-    over the whole split, giving pixel accuracy (as `accuracy`) and mean IoU (`miou`)."""
-
-    def __init__(self, ignore_index: int = 255):
-        self.ignore_index, self.sums, self.n, self.conf, self.classes = ignore_index, defaultdict(float), 0, None, None
-
-    def add(self, logits: torch.Tensor, y: torch.Tensor) -> None:
-        if logits.dim() == 4:
-            conf = confusion_matrix(logits.argmax(1), y, logits.shape[1], self.ignore_index)
-            self.conf = conf if self.conf is None else self.conf + conf
-        else:
-            self.classes = logits.shape[1]
-            for k, c in topk_correct(logits, y).items():
-                self.sums[f"top{k}"] += c
-            self.n += len(y)
-
-    def result(self) -> dict:
-        if self.conf is not None:
-            scores = segmentation_scores(self.conf)
-            iou = [None if v != v else v for v in scores["iou"]]  # NaN (class never seen) -> null in JSON
-            return {"accuracy": scores["pixel_accuracy"], "miou": scores["miou"], "iou": iou}
-        out = {"accuracy": self.sums["top1"] / self.n, "num_classes": self.classes} if self.n else {}
-        if "top5" in self.sums:
-            out["top5"] = self.sums["top5"] / self.n
-        return out
 
 
 @torch.no_grad()

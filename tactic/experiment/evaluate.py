@@ -25,18 +25,17 @@ from tqdm import tqdm
 
 from tactic.data import batches, num_batches
 from tactic.data.prepared import Split
-from tactic.grid import Run
-from tactic.metrics import psnr
-from tactic.modes import MODES
-from tactic.system import System
-from tactic.train import TaskScores
+from tactic.experiment.grid import Run
+from tactic.metrics import TaskScores, psnr
+from tactic.experiment.modes import MODES
+from tactic.experiment.system import System
 
 
 @torch.no_grad()
 def evaluate_system(system: System, run: Run, test: Split, batch_size: int, device, limit: int | None = None,
                     ignore_index: int = 255) -> dict:
     """One row of results/eval.json: what the task network scores on what `run`'s mode shows it of
-    the test split after a real round trip (tactic.modes: `code`), with the rate that cost."""
+    the test split after a real round trip (tactic.experiment.modes: `code`), with the rate that cost."""
     system.eval()
     mode = MODES[run.mode]
     sums = defaultdict(float)

@@ -16,14 +16,14 @@ from tactic import tracking
 from tactic.config import Params
 from tactic.data.prepared import load_split, read_meta
 from tactic.errors import TacticError
-from tactic.evaluate import evaluate_system
-from tactic.grid import Run, task_runs
+from tactic.experiment.evaluate import evaluate_system
+from tactic.experiment.grid import Run, task_runs
 from tactic.io import write_json
 from tactic.losses import TacticLoss
 from tactic.metrics import TEST_METRICS, at_chance
-from tactic.modes import MODES, Plan, digest
-from tactic.system import System, build_codec, load_system, resolve_device, save_system
-from tactic.train import fingerprint, fit, load_checkpoint, make_optimizers
+from tactic.experiment.modes import MODES, Plan, digest
+from tactic.experiment.system import System, build_codec, load_system, resolve_device, save_system
+from tactic.experiment.train import fingerprint, fit, load_checkpoint, make_optimizers
 
 
 def _seed_everything(seed: int) -> None:
@@ -87,7 +87,7 @@ def pretrain_codec(p: Params, run: Run, data: Path, models: Path) -> dict:
 def pretrain_hyperprior(p: Params, run: Run, data: Path, models: Path) -> dict:
     """bmshj2018 rate-distortion training at `run.quality`: L = lambda * 255^2 * MSE + bpp, CompressAI's
     loss and lambda; from scratch, or from the CompressAI checkpoint `latent.checkpoint` names."""
-    from tactic.models.hyperprior import LMBDA, Hyperprior, load_hyperprior
+    from tactic.codecs.hyperprior import LMBDA, Hyperprior, load_hyperprior
 
     _seed_everything(run.seed)
     device = resolve_device(p)
@@ -111,7 +111,7 @@ def pretrain_hyperprior(p: Params, run: Run, data: Path, models: Path) -> dict:
 
 
 def train_task(p: Params, run: Run, data: Path, models: Path) -> dict:
-    """Train the task network of `run` in its mode (tactic.modes: how each mode builds and trains)."""
+    """Train the task network of `run` in its mode (tactic.experiment.modes: how each mode builds and trains)."""
     _seed_everything(run.seed)
     plan = MODES[run.mode].plan(p, run, read_meta(data), data, models, resolve_device(p))
     return _train(p, run, plan, data, models)

@@ -7,7 +7,7 @@ test time from a real bitstream (`code`, which the frozen-codec modes also train
 and testing cannot drift apart); and how the report draws and compares it (`style`, `references`).
 
 Adding a mode is one subclass here, registered in MODES, and one matrix stage in dvc.yaml: the
-grid (tactic.grid) names its stage, folders and MLflow runs after `name`, the `train` stage and
+grid (tactic.experiment.grid) names its stage, folders and MLflow runs after `name`, the `train` stage and
 `evaluate` run it through `plan` and `code`, the report plots it with `style` and computes
 BD-accuracy and BD-rate against each of its `references`.
 """
@@ -21,14 +21,15 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from tactic import jpeg
+from tactic.codecs import jpeg
 from tactic.config import Params
 from tactic.data import batches
 from tactic.data.prepared import Split, load_split
 from tactic.io import BadFileError, sha256
 from tactic.losses import TacticLoss, bpp as estimated_bpp
-from tactic.system import LatentHead, System, build_task, build_task_loss, load_codec
-from tactic.train import make_optimizers
+from tactic.experiment.system import System, build_task, build_task_loss, load_codec
+from tactic.experiment.train import make_optimizers
+from tactic.tasks.cresnet import LatentHead
 
 
 @dataclass
@@ -187,7 +188,7 @@ class _LatentMode(Mode):
 
     def task_network(self, p, meta, codec=None):
         """cResNet-39 on (y_hat, sigma_hat) packed as one tensor."""
-        from tactic.models.cresnet import CResNet39
+        from tactic.tasks.cresnet import CResNet39
 
         return LatentHead(CResNet39(codec.M, len(meta["classes"]), weights=p.latent.weights))
 
@@ -204,7 +205,7 @@ class _LatentMode(Mode):
     def code(self, system, x, quality, names, measure=True):
         """One framed stream per image (bytes counted, framing included), decoded to the latents;
         no pixel decoder runs (the PSNR reported is the codec's, for the report only)."""
-        from tactic.models.hyperprior import decode_latents, encode
+        from tactic.codecs.hyperprior import decode_latents, encode
 
         estimate = system.codec(x) if measure else None  # eval mode: rounded latents, the same the coder writes
         packed = encode(system.codec, x)
@@ -279,13 +280,13 @@ class PixelDecoded(_FrozenLatentMode):
     latent = False
 
     def task_network(self, p, meta, codec=None):
-        from tactic.models.classifiers import build_classifier
+        from tactic.tasks.classifiers import build_classifier
 
         return build_classifier("resnet50", meta["channels"], len(meta["classes"]), weights=p.latent.weights,
                                 weights_param="latent.weights")
 
     def code(self, system, x, quality, names, measure=True):
-        from tactic.models.hyperprior import decode_pixels, encode
+        from tactic.codecs.hyperprior import decode_pixels, encode
 
         estimate = system.codec(x) if measure else None
         packed = encode(system.codec, x)

@@ -32,7 +32,7 @@ The ResNet-50 parts are torchvision's `resnet50(weights=None)` modules `layer2`,
 
 Usage::
 
-    from tactic.models.cresnet import CResNet39
+    from tactic.tasks.cresnet import CResNet39
     net = CResNet39(M=codec.M, num_classes=10)                      # weights="resnet50.pth" optional
     logits = net(out["y_hat"], out["sigma_hat"])                    # codec(x, decode=False) or decoded
 """
@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tactic.models.classifiers import load_weights
+from tactic.tasks.classifiers import load_weights
 
 STAGE2_WIDTH = 256  # input channels of torchvision ResNet-50's layer2 (layer1's output)
 
@@ -94,3 +94,19 @@ class CResNet39(nn.Module):
             h = torch.cat([h, self.sigma_in(sigma_hat)], dim=1)
         h = self.layer4(self.layer3(self.layer2(h)))
         return self.fc(torch.flatten(self.avgpool(h), 1))
+
+
+class LatentHead(nn.Module):
+    """cResNet-39 on (y_hat, sigma_hat) stacked as one (N, 2M, h, w) tensor (`pack`): one tensor is
+    what a System passes on, and the form in which the frozen compressed-domain mode caches them."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.M = net, net.M
+
+    @staticmethod
+    def pack(y_hat: torch.Tensor, sigma_hat: torch.Tensor) -> torch.Tensor:
+        return torch.cat([y_hat, sigma_hat], 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z[:, :self.M], z[:, self.M:])

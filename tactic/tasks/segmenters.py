@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tactic.errors import TacticError
-from tactic.models.classifiers import _RepeatChannels, load_weights
+from tactic.tasks.classifiers import _RepeatChannels, load_weights
 
 
 def _block(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:

@@ -11,7 +11,8 @@ from torch import nn
 from tactic.config import Params
 from tactic.errors import TacticError
 from tactic.io import BadFileError, load_torch, save_torch
-from tactic.models.classifiers import build_classifier
+from tactic.tasks.classifiers import build_classifier
+from tactic.tasks.cresnet import LatentHead
 
 
 def resolve_device(p: Params) -> torch.device:
@@ -20,22 +21,6 @@ def resolve_device(p: Params) -> torch.device:
     if p.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: 'cuda' asked for but CUDA is not available (use 'auto' or 'cpu')")
     return torch.device("cuda" if p.device != "cpu" and torch.cuda.is_available() else "cpu")
-
-
-class LatentHead(nn.Module):
-    """cResNet-39 on (y_hat, sigma_hat) stacked as one (N, 2M, h, w) tensor (`pack`): one tensor is
-    what a System passes on, and the form in which the frozen compressed-domain mode caches them."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net, self.M = net, net.M
-
-    @staticmethod
-    def pack(y_hat: torch.Tensor, sigma_hat: torch.Tensor) -> torch.Tensor:
-        return torch.cat([y_hat, sigma_hat], 1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z[:, :self.M], z[:, self.M:])
 
 
 class System(nn.Module):
@@ -73,14 +58,14 @@ class System(nn.Module):
 
 
 def build_codec(p: Params, in_channels: int):
-    from tactic.models.codec import TacticCodec  # imports CompressAI: only where a codec is needed
+    from tactic.codecs.codec import TacticCodec  # imports CompressAI: only where a codec is needed
 
     c = p.model.codec
     return TacticCodec(in_channels, c.N, c.M, c.quantizer, c.latent_relu)
 
 
 # Every model file names its codec's architecture; the classes are imported only when a file needs one.
-CODECS = {"tactic": "tactic.models.codec:TacticCodec", "bmshj2018-hyperprior": "tactic.models.hyperprior:Hyperprior"}
+CODECS = {"tactic": "tactic.codecs.codec:TacticCodec", "bmshj2018-hyperprior": "tactic.codecs.hyperprior:Hyperprior"}
 
 
 def codec_class(arch: str):
@@ -94,7 +79,7 @@ def build_task(p: Params, meta: dict) -> nn.Module:
     """The task network params name (model.task); the compressed-domain modes build their own."""
     t = p.model.task
     if t.task == "segmentation":
-        from tactic.models.segmenters import build_segmenter
+        from tactic.tasks.segmenters import build_segmenter
 
         return build_segmenter(t.arch, meta["channels"], len(meta["classes"]), t.width, t.weights)
     return build_classifier(t.arch, meta["channels"], len(meta["classes"]), t.width, t.weights)

@@ -20,7 +20,7 @@ with its quality ladder. On top of CompressAI's model this adds what `CResNet39`
 
 Usage::
 
-    from tactic.models.hyperprior import Hyperprior, encode, decode_latents, load_hyperprior
+    from tactic.codecs.hyperprior import Hyperprior, encode, decode_latents, load_hyperprior
 
     codec = Hyperprior(quality=4)                # (N, M) = (128, 192); lambda = LMBDA[4]
     codec.update(force=True)                     # before any bitstream is written
@@ -31,7 +31,7 @@ Usage::
 
 Training is the pipeline's (tactic.experiment.pretrain_hyperprior): CompressAI's loss and lambda,
 lambda * 255^2 * MSE + bpp, through tactic.losses.TacticLoss, and its two optimisers
-(tactic.train.make_optimizers); model files are tactic.system.save_system's.
+(tactic.experiment.train.make_optimizers); model files are tactic.experiment.system.save_system's.
 
 Images must be a multiple of 64 pixels high and wide (g_a and h_a downsample 16 x 4); `pad` makes
 them so. The published zoo weights are RGB: use `in_channels=3` (repeat grey to 3 channels) to start
@@ -51,7 +51,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from tactic.models import _compressai  # noqa: F401  (before compressai: skips its point-cloud imports)
+from tactic.codecs import _compressai  # noqa: F401  (before compressai: skips its point-cloud imports)
 from compressai.models import ScaleHyperprior
 from compressai.models.utils import conv, deconv, remap_old_keys
 from compressai.ops import compute_padding, quantize_ste
@@ -59,7 +59,7 @@ from compressai.zoo.pretrained import load_pretrained
 
 from tactic.errors import TacticError
 from tactic.io import BadFileError, load_torch
-from tactic.models.codec import QUANTIZERS, clamp_ste
+from tactic.codecs.codec import QUANTIZERS, clamp_ste
 
 # CompressAI's zoo: lambda per quality for the MSE models (rate-distortion loss lmbda * 255^2 * MSE + bpp).
 LMBDA = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.0130, 5: 0.025, 6: 0.0483, 7: 0.0932, 8: 0.18}
@@ -88,7 +88,7 @@ class Hyperprior(ScaleHyperprior):
             rate term uses the noise proxy in both. A training setting, not part of `config`.
     """
 
-    arch = "bmshj2018-hyperprior"  # the tag model files carry (tactic.system.CODECS)
+    arch = "bmshj2018-hyperprior"  # the tag model files carry (tactic.experiment.system.CODECS)
     downsampling = 64  # g_a: 2^4, h_a: 2^2 more; smaller multiples break the z -> sigma_hat shapes
 
     def __init__(self, quality: int, in_channels: int = 3, N: int | None = None, M: int | None = None,
@@ -109,7 +109,7 @@ class Hyperprior(ScaleHyperprior):
     def _check_size(self, x: torch.Tensor) -> None:
         h, w = x.shape[-2:]
         if h % self.downsampling or w % self.downsampling:
-            raise TacticError(f"image size {h}x{w} must be a multiple of {self.downsampling}: pad it (tactic.models.hyperprior.pad)")
+            raise TacticError(f"image size {h}x{w} must be a multiple of {self.downsampling}: pad it (tactic.codecs.hyperprior.pad)")
 
     def forward(self, x: torch.Tensor, decode: bool = True) -> dict:
         self._check_size(x)
@@ -322,7 +322,7 @@ def load_hyperprior(path, quality: int, in_channels: int = 3, N: int | None = No
     if not isinstance(obj, dict):
         raise BadFileError(f"latent.checkpoint: {file} holds a {type(obj).__name__}, not a state dict; the codec is {want}")
     codec = obj.get("codec")
-    if isinstance(codec, dict) and "arch" in codec:  # tactic.system.save_system's format
+    if isinstance(codec, dict) and "arch" in codec:  # tactic.experiment.system.save_system's format
         held = {k: codec["config"].get(k) for k in model.config}
         if codec["arch"] != Hyperprior.arch or held != model.config:
             raise BadFileError(f"latent.checkpoint: {file} holds {codec['arch']} quality {held['quality']} (N={held['N']}, "

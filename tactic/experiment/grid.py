@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Optional
 
 from tactic.config import Params
-from tactic.modes import MODES as MODE_TABLE
+from tactic.experiment.modes import MODES as MODE_TABLE
 
-# The modes, in the order of results and tables (tactic.modes holds what each one is and does).
+# The modes, in the order of results and tables (tactic.experiment.modes holds what each one is and does).
 MODES = tuple(MODE_TABLE)
 
 

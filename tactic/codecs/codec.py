@@ -37,7 +37,7 @@ Args:
 from __future__ import annotations
 
 import torch
-from tactic.models import _compressai  # noqa: F401  (before compressai: skips its point-cloud imports)
+from tactic.codecs import _compressai  # noqa: F401  (before compressai: skips its point-cloud imports)
 from compressai.entropy_models import EntropyBottleneck
 from compressai.models import CompressionModel
 from compressai.ops import quantize_ste
@@ -54,7 +54,7 @@ def clamp_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class TacticCodec(CompressionModel):
-    arch = "tactic"  # the tag model files carry (tactic.system.CODECS)
+    arch = "tactic"  # the tag model files carry (tactic.experiment.system.CODECS)
     downsampling = 4
 
     def __init__(self, in_channels: int = 3, N: int = 32, M: int = 8, quantizer: str = "ste", latent_relu: bool = False):

@@ -1,0 +1,60 @@
+"""What several test modules share (tests import from here, never from each other)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from tactic.config import merged
+from tactic.data import fixtures
+from tactic.io import copy_tracked
+
+REPO = Path(__file__).resolve().parent.parent
+
+# One torch thread in every stage process the tests start (params `threads: null` reads this): with two
+# pytest workers and two Dask workers on two cores, more threads oversubscribe the cores, and OpenMP's
+# spinning threads then slow every process down several times over.
+os.environ.setdefault("TACTIC_THREADS", "1")
+FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+
+# A profile small enough for unit tests: seconds per training run on 2 cores.
+TINY = {
+    "seeds": [0],
+    "betas": [0.03, 0.3],
+    "threads": 1,
+    "prepare": {"train_size": 300, "val_size": 100, "test_size": 100},
+    "model": {"codec": {"N": 8, "M": 4}, "task": {"width": 8}},
+    # ~90 codec steps: with 6 (1 epoch of 50) every codec point sat at chance with a 9 dB PSNR.
+    "pretrain": {"epochs": 3, "batch_size": 10, "lr": 0.01},
+    "train": {"epochs": 2, "batch_size": 16},
+    "jpeg": {"qualities": [5, 50]},
+    "evaluate": {"batch_size": 50},
+}
+
+
+def repo_params(overrides: dict) -> dict:
+    return merged(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
+
+
+BIN = Path(sys.executable).parent
+
+
+def subprocess_env(db_uri):
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": db_uri, "PYTHONUNBUFFERED": "1"}
+
+
+def copy_repo(dest: Path, params: dict) -> Path:
+    copy_tracked(REPO, dest)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+# dataset -> (fixture maker, its kwargs, prepare params beyond dataset/root)
+CLASSIFICATION = {
+    "minc-2500": (fixtures.minc, {"classes": 3}, {"classes": 3}),
+    "resisc-45": (fixtures.resisc, {"classes": 3}, {"classes": 3}),
+    "rsscn7": (fixtures.rsscn7, {}, {}),
+    "imagenet-50": (fixtures.imagenet, {"classes": 3}, {"classes": 3}),
+}
