@@ -17,17 +17,24 @@ LONGEST = ("test_a_failing_stage_fails_the_flow_run_with_its_own_message", "test
 
 def pytest_collection_modifyitems(items):
     """Order for `-n 2 --dist loadgroup`, which hands each worker two tests at a time (the tests of an
-    xdist group go to one worker together): the two longest go one to each worker, the test queued behind the longest is a quick one, and the
-    other slow tests come before the quick ones so that none of them is left running alone at the end."""
+    xdist group go to one worker together, and stay together here so that their module fixture is
+    made once): the two longest go one to each worker, the test queued behind the longest is a quick
+    one, and the other slow tests come before the quick ones so that none of them is left running
+    alone at the end."""
     def rank(item):
         if item.name in LONGEST:
             return LONGEST.index(item.name)
         return 3 if item.get_closest_marker("slow") else 4
 
-    items.sort(key=rank)
-    quick = next((i for i, item in enumerate(items) if rank(item) == 4), None)
-    if quick is not None:
-        items.insert(2, items.pop(quick))
+    units = {}  # group (or the test itself) -> its tests in collection order
+    for item in items:
+        group = item.get_closest_marker("xdist_group")
+        units.setdefault(group.args[0] if group else item.nodeid, []).append(item)
+    ordered = sorted(units.values(), key=lambda unit: min(map(rank, unit)))
+    quick = next((i for i, unit in enumerate(ordered) if min(map(rank, unit)) == 4), None)
+    if quick is not None and quick > 2:
+        ordered.insert(2, ordered.pop(quick))
+    items[:] = [item for unit in ordered for item in unit]
 
 
 def pytest_configure(config):

@@ -121,11 +121,14 @@ def _flow_run_id(output: str) -> str:
     raise AssertionError(f"no flow run id in:\n{output}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def flow_runs(tmp_path_factory, fmnist_root):
     """The README's Prefect path on a copy of the repo: the server (detached, its log in .prefect/),
     the deployment served with two Dask workers, and three deployment runs of the smoke profile at
-    one operating point per mode: with a junk weights file (fails), then as is (twice)."""
+    one operating point per mode: with a junk weights file (fails), then as is (twice).
+
+    Session-scoped, not module-scoped: a pytest-xdist worker tears module fixtures down whenever its
+    next queued test is from another module, which would start the server and all runs again."""
     tmp_path = tmp_path_factory.mktemp("flow")
     repo = copy_repo(tmp_path / "repo", repo_params({}))
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)

@@ -30,7 +30,7 @@ time.sleep(float(sys.argv[1]))
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": an xdist worker tears those down between modules
 def server():
     # A short private folder: the socket lives there (Unix socket paths are limited to ~100 bytes).
     home = Path(tempfile.mkdtemp(prefix="tss", dir="/tmp"))
