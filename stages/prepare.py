@@ -21,6 +21,8 @@ def main(argv=None):
     print(f"prepared {meta['dataset']}: {meta['counts']} -> {args.out}")
     if meta["skipped"]:
         print(f"skipped {meta['skipped']} unreadable images: listed in {args.out / 'skipped.json'}")
+    if meta["stray"]:
+        print(f"left out {meta['stray']} files that are not images: listed in {args.out / 'skipped.json'}")
 
 
 if __name__ == "__main__":

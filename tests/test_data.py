@@ -49,9 +49,9 @@ def test_prepare_is_byte_identical_and_stratified(tmp_path, fmnist_root):
     assert "train/images.npy" in files
 
 
-def test_prepare_rejects_too_large_sizes(tmp_path, fmnist_root):
-    with pytest.raises(ValueError, match="prepare.test_size: asks for 20000 images, fashion-mnist has 10000 in its test split"):
-        prepare(PrepareParams(root=fmnist_root, train_size=10, val_size=10, test_size=20000), tmp_path / "p")
+def test_split_sizes_are_caps_a_smaller_split_is_kept_whole(tmp_path, fmnist_root):
+    meta = prepare(PrepareParams(root=fmnist_root, train_size=10, val_size=10, test_size=20000), tmp_path / "p")
+    assert meta["counts"] == {"train": 10, "val": 10, "test": 10000}  # Fashion-MNIST's whole test split
 
 
 def test_batches_cover_the_split_in_a_seeded_order(prepared):

@@ -1,5 +1,6 @@
 """The five real datasets, as generated fixtures in their distributed layouts, through `prepare`."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,7 +66,7 @@ def test_split_files(tmp_path):
     lists.mkdir()
     (lists / "train.txt").write_text("airplane/airplane_001.jpg\nairport/airport_001.jpg\nairplane/airplane_002.jpg\n")
     (lists / "test.txt").write_text("airplane/airplane_003.jpg\nairport/airport_003.jpg\n")
-    meta = prepare(_cfg("resisc-45", root, classes=2, split_files=str(lists), val_size=1), tmp_path / "out")
+    meta = prepare(_cfg("resisc-45", root, classes=2, split_files=str(lists), val_fraction=0.34), tmp_path / "out")
     assert meta["counts"] == {"train": 2, "val": 1, "test": 2}
     (lists / "test.txt").write_text("airplane/nope.jpg\n")
     with pytest.raises(DatasetError, match=r"test.txt:1: airplane/nope.jpg is not an image of the dataset"):
@@ -173,3 +174,41 @@ def test_any_colour_mode_becomes_rgb(mode, tmp_path):
     (rgb.convert(mode) if mode != "P" else rgb.quantize(16)).save(path)
     out = load_image(path, 32, 3)
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8 and out.std() > 5
+
+
+STRAYS = ("Thumbs.db", "desktop.ini", ".DS_Store", "._b001.jpg", "README.txt")
+
+
+@pytest.mark.parametrize("dataset", sorted(set(CLASSIFICATION) - {"minc-2500"}) + ["cityscapes"])
+def test_stray_files_are_left_out_and_listed_never_a_layout_failure(dataset, tmp_path):
+    """What downloaded archives carry beside the images (Windows thumbnails, macOS metadata, notes).
+    (MINC-2500 reads only the files its label lists name: nothing else in its folders is looked at.)"""
+    make = {**{k: v[0] for k, v in CLASSIFICATION.items()}, "cityscapes": fixtures.cityscapes}[dataset]
+    root = make(tmp_path / "raw")
+    kw = {"classes": 3} if dataset not in ("cityscapes", "rsscn7") else {}
+    clean = prepare(_cfg(dataset, root, **kw), tmp_path / "clean")
+    folder = next(p.parent for p in sorted(root.rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+                  and "gtFine" not in p.parts and not p.name.startswith("."))
+    for name in STRAYS:
+        (folder / name).write_bytes(b"\x00not an image")
+    (folder / "__MACOSX").mkdir()
+    for strict in (False, True):  # strict is about unreadable images, not about files that are none
+        meta = prepare(_cfg(dataset, root, strict=strict, **kw), tmp_path / f"out{strict}")
+        assert meta["counts"] == clean["counts"] and meta["stray"] == len(STRAYS) + 1
+    listed = json.loads((tmp_path / "outTrue" / "skipped.json").read_text())
+    assert sorted(Path(s["path"]).name for s in listed) == sorted([*STRAYS, "__MACOSX"])
+    assert {s["reason"] for s in listed} == {"not an image"}
+
+
+def test_the_embedded_defaults_caps_run_on_a_full_size_rsscn7(tmp_path):
+    """RSSCN7 as distributed holds 2,800 images (400 per class); params.yaml's caps (4000/1000/2000,
+    the embedded default's) used to ask for 7,000 and fail. Now the fractions split it, the caps cap."""
+    import yaml
+
+    from tests.helpers import REPO
+
+    root = fixtures.rsscn7(tmp_path / "raw", per_class=400, size=(8, 8))
+    defaults = yaml.safe_load((REPO / "params.yaml").read_text())["prepare"]
+    cfg = PrepareParams(**{**defaults, "dataset": "rsscn7", "root": str(root), "workers": 2})
+    meta = prepare(cfg, tmp_path / "out")
+    assert meta["counts"] == {"train": 2016, "val": 224, "test": 560}  # 70 / 8 / 20 % of 2,800

@@ -62,6 +62,7 @@ class Index:
     task: str = "classification"
     channels: int = 3
     extra: dict = field(default_factory=dict)  # for meta.json
+    stray: list = field(default_factory=list)  # files that are no image (Thumbs.db, .DS_Store): left out, listed
 
     def labels(self) -> np.ndarray:
         """Class per image for stratified splits (all 0 for segmentation: a plain seeded split)."""
@@ -86,6 +87,12 @@ def _visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
+def _is_stray(f: Path) -> bool:
+    """What archives carry beside the images: Thumbs.db, desktop.ini, macOS's .DS_Store and ._ copies,
+    notes, folders. Left out and listed in skipped.json; a misnamed image is still a layout error."""
+    return not f.is_file() or f.name.startswith(".") or f.suffix.lower() not in IMAGE_SUFFIXES
+
+
 def _take(dataset: str, found: list[str], expected: int, limit: Optional[int], at_least: bool = False) -> list[str]:
     """The classes used: all `expected` of them (or the first `expected` when `at_least`), or the
     first `limit` when prepare.classes asks for a subset."""
@@ -98,21 +105,25 @@ def _take(dataset: str, found: list[str], expected: int, limit: Optional[int], a
 
 def _class_folders(dataset: str, root: Path, names: list[str], file_re: str) -> Index:
     """One folder per class, images inside named per `file_re` (`{cls}` is the class name)."""
-    images, targets = [], []
+    images, targets, stray = [], [], []
     for c, name in enumerate(names):
         folder = root / name
         if not folder.is_dir():
             raise _fail(dataset, f"class folder {folder} not found")
         pattern = re.compile(file_re.format(cls=re.escape(name)), re.IGNORECASE)
-        files = _visible(folder)
-        for f in files:
-            if not (f.is_file() and pattern.fullmatch(f.name)):
+        files = []
+        for f in sorted(folder.iterdir()):
+            if _is_stray(f):
+                stray.append(f)
+            elif not pattern.fullmatch(f.name):
                 raise _fail(dataset, f"{f} does not match")
+            else:
+                files.append(f)
         if not files:
             raise _fail(dataset, f"class folder {folder} holds no images")
         images += files
         targets += [c] * len(files)
-    return Index(dataset, names, images, targets)
+    return Index(dataset, names, images, targets, stray=stray)
 
 
 def _split_files(dataset: str, index: Index, folder: str | Path, root: Path) -> Index:
@@ -239,6 +250,7 @@ def imagenet_index(cfg) -> Index:
         index.official = {"train": list(range(n)), "test": list(range(n, n + len(val.images)))}
         index.images += val.images
         index.targets += val.targets
+        index.stray += val.stray
     elif cfg.split_files:
         index = _split_files("imagenet-50", index, cfg.split_files, root)
     return index
@@ -246,7 +258,7 @@ def imagenet_index(cfg) -> Index:
 
 def cityscapes_index(cfg) -> Index:
     root = _root("cityscapes", cfg.root)
-    images, masks, official = [], [], {}
+    images, masks, official, stray = [], [], {}, []
     # The test split's labels are withheld by the benchmark: its val split is our test split.
     for split, ours in (("train", "train"), ("val", "test")):
         folder = root / "leftImg8bit" / split
@@ -254,7 +266,10 @@ def cityscapes_index(cfg) -> Index:
             raise _fail("cityscapes", f"{folder} not found")
         official[ours] = []
         for city in _visible(folder):
-            for f in _visible(city):
+            for f in sorted(city.iterdir()):
+                if _is_stray(f):
+                    stray.append(f)
+                    continue
                 if not f.name.endswith("_leftImg8bit.png"):
                     raise _fail("cityscapes", f"{f} does not match")
                 mask = root / "gtFine" / split / city.name / f.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
@@ -266,7 +281,7 @@ def cityscapes_index(cfg) -> Index:
         if not official[ours]:
             raise _fail("cityscapes", f"{folder} holds no images")
     return Index("cityscapes", CITYSCAPES_CLASSES, images, masks, official, task="segmentation",
-                 extra={"ignore_index": IGNORE})
+                 extra={"ignore_index": IGNORE}, stray=stray)
 
 
 INDEXERS = {"fashion-mnist": fashion_mnist_index, "minc-2500": minc_index, "resisc-45": resisc_index,
