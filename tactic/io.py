@@ -132,8 +132,6 @@ def save_torch(path, obj) -> None:
 def load_torch(path, what: str, weights_only: bool = True):
     """torch.load, failing with one line that names `what` (the param, or the stage that wrote the
     file), the path and what is wrong with it: missing, not a PyTorch file, truncated or damaged."""
-    import pickle
-
     import torch
 
     file = Path(path)
@@ -141,7 +139,7 @@ def load_torch(path, what: str, weights_only: bool = True):
         raise FileNotFoundError(f"{what}: no such file {file}")
     try:
         return torch.load(file, map_location="cpu", weights_only=weights_only)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+    except Exception as err:  # garbage makes the unpickler fail in any way (IndexError, KeyError, ...)
         raise BadFileError(f"{what}: {file}: {_diagnose(file, err)}") from err
 
 

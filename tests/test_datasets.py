@@ -212,3 +212,20 @@ def test_the_embedded_defaults_caps_run_on_a_full_size_rsscn7(tmp_path):
     cfg = PrepareParams(**{**defaults, "dataset": "rsscn7", "root": str(root), "workers": 2})
     meta = prepare(cfg, tmp_path / "out")
     assert meta["counts"] == {"train": 2016, "val": 224, "test": 560}  # 70 / 8 / 20 % of 2,800
+
+
+def test_datasets_check_reports_layout_counts_and_unreadable_images_and_writes_nothing(tmp_path, capsys):
+    from tactic.data import check
+
+    root = fixtures.rsscn7(tmp_path / "raw")
+    _corrupt(root / "bField" / "b002.jpg")
+    (root / "cIndustry" / "Thumbs.db").write_bytes(b"\x00")
+    before = sorted(tmp_path.rglob("*"))
+    assert check.main(["check", "rsscn7", str(root), "--workers", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "rsscn7: 7 classes, 42 images, all decoded" in out and f"unreadable: {root / 'bField' / 'b002.jpg'}" in out
+    assert f"not an image (left out): {root / 'cIndustry' / 'Thumbs.db'}" in out
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+    (root / "aGrass").rename(root / "grass")
+    assert check.main(["check", "rsscn7", str(root)]) == 2
+    assert "expected layout" in capsys.readouterr().err
