@@ -6,10 +6,10 @@ import pytest
 import yaml
 
 from stages import evaluate, prepare, pretrain, pretrain_hyperprior, report, train
-from tactic.config import parse_params
+from tactic.config import merged, parse_params
 from tactic.experiment.grid import pretrain_runs, task_runs
 from tactic.data import fixtures
-from tests.helpers import CLASSIFICATION, FMNIST_ROOT, TINY, repo_params
+from tests.helpers import CLASSIFICATION, FMNIST_ROOT, REPO, TINY, repo_params
 
 SEGMENTATION = {"model": {"codec": {"N": 8, "M": 4}, "task": {"task": "segmentation", "arch": "small-fcn", "width": 8}}}
 
@@ -96,3 +96,36 @@ def test_compressed_domain_grid(tmp_path):
     assert frozen == decoded  # the same codec and streams: the same rate
     assert not list((tmp_path / ".checkpoints").rglob("*.npy"))  # the decoded-code caches are removed
     assert "latent-frozen" in (tmp_path / "results/table.md").read_text()
+
+
+PAPER_PROFILES = {  # profile -> (its dataset's fixture, the fixture's kwargs, prepare overrides)
+    "imagenet50-paper": (fixtures.imagenet, {"classes": 3}, {"classes": 3, "size": 76}),  # Inception v3 takes >= 75 px
+    "cityscapes-paper": (fixtures.cityscapes, {"per_split": {"train": {"aachen": 10}, "val": {"lindau": 2}}}, {"size": 64}),
+    "minc-paper": (fixtures.minc, {"classes": 3}, {"classes": 3, "size": 64}),
+    "rsscn7-paper": (fixtures.rsscn7, {}, {"size": 64}),
+    "resisc45-paper": (fixtures.resisc, {"classes": 3}, {"classes": 3, "size": 64}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile", sorted(PAPER_PROFILES))
+def test_every_paper_profile_runs_one_step_of_each_stage(profile, tmp_path):
+    """A profile that would crash (a network, a size, a loss that does not fit its dataset) fails
+    here on CPU in seconds, not hours into a GPU run: the profile as shipped (networks, codec,
+    losses, modes) on a generated copy of its dataset's layout, with images, splits, seeds, operating
+    points and training cut to one step of each stage and one evaluation batch."""
+    from tactic.profiles import resolve_params
+
+    make, make_kw, prepare_kw = PAPER_PROFILES[profile]
+    raw = resolve_params(REPO, profile=profile)
+    root = make(tmp_path / "raw", **make_kw)
+    one = {"epochs": 1, "batch_size": 2, "limit_batches": 1}
+    overrides = {"seeds": [0], "betas": raw["betas"][:1], "jpeg": {"qualities": raw["jpeg"]["qualities"][:1]},
+                 "prepare": {"root": str(root), "workers": 1, **prepare_kw}, "pretrain": one, "train": one,
+                 "latent": {"qualities": raw["latent"]["qualities"][:1], "pretrain": one, "train": one},
+                 "evaluate": {"batch_size": 2, "limit": 2}}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(merged(raw, overrides), sort_keys=False))
+    p, rows = run_grid(params_file, tmp_path)
+    assert {(r["mode"], r["beta"], r["quality"]) for r in rows} == {(r.mode, r.beta, r.quality) for r in task_runs(p)}
+    assert all(r["num_images"] == 2 and r["bpp"] > 0 for r in rows) and (tmp_path / "results/summary.json").is_file()
