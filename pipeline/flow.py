@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from typing import Optional
 
 from prefect import flow, get_run_logger, task
@@ -65,11 +66,42 @@ def tactic(profile: Optional[str] = None, dataset: Optional[str] = None, seeds: 
         futures = {}
         for name, needs in graph.items():
             futures[name] = dvc_stage.submit(name, str(root), env, wait_for=[futures[n] for n in needs])
+        _show_progress(futures)
         statuses = {name: f.result() for name, f in futures.items()}
         tracking.log_metrics({"stages_ran": sum(s == "ran" for s in statuses.values()), "stages_skipped": sum(s == "skipped" for s in statuses.values())})
+        _publish_results(root, parent)
     print(f"{sum(s == 'ran' for s in statuses.values())} stages ran, {sum(s == 'skipped' for s in statuses.values())} up to date; "
           f"MLflow parent run {parent.info.run_id}")
     return statuses
+
+
+def _show_progress(futures: dict, every: float = 2.0) -> None:
+    """A progress artifact in the flow run (stages done of all) until every stage ends or one fails."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    artifact = create_progress_artifact(0.0, key="tactic-progress", description=f"stages done, of {len(futures)}")
+    while True:
+        states = [f.state for f in futures.values()]
+        done = sum(s.is_final() for s in states)
+        update_progress_artifact(artifact, 100.0 * done / len(states), description=f"{done} of {len(states)} stages done")
+        if done == len(states) or any(s.is_failed() or s.is_crashed() for s in states):
+            return
+        time.sleep(every)
+
+
+def _publish_results(root, parent) -> None:
+    """The results where Prefect users look: the report's table and headline figures as a markdown
+    artifact of the flow run, and a link to its MLflow parent run (`TACTIC_MLFLOW_UI`: the UI's URL)."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    results = root / "results"
+    if (results / "table.md").is_file():
+        create_markdown_artifact(key="tactic-results", description="results/table.md and results/summary.md",
+                                 markdown=f"## Operating points\n\n{(results / 'table.md').read_text()}\n"
+                                          f"## Headline figures\n\n{(results / 'summary.md').read_text()}")
+    ui = os.environ.get("TACTIC_MLFLOW_UI", "http://127.0.0.1:5000")
+    create_link_artifact(key="tactic-mlflow", link=f"{ui}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}",
+                         link_text="MLflow parent run", description="the flow's MLflow run, its stage runs nested")
 
 
 def main(argv=None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -79,9 +80,9 @@ def main(argv=None) -> int:
         args.params = Path("params.yaml") if Path("params.yaml").is_file() else ROOT / "params.yaml"
     try:
         raw = resolve_params(args.params.parent, args.name)
-    except ParamsError as err:
-        print(f"error: {err}")
-        return 2
+    except ParamsError as err:  # an unknown profile, or one that does not validate: a runtime error
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     write_params(args.params, raw)
     print(f"{args.params}: profile {args.name} applied")
     return 0

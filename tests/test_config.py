@@ -49,3 +49,12 @@ def test_task_must_fit_dataset_and_arch():
         parse_params({"model": {"task": {"task": "segmentation", "arch": "small-fcn"}}})
     p = parse_params({"prepare": {"dataset": "fashion-mnist-canvases"}, "model": {"task": {"task": "segmentation", "arch": "small-fcn"}}})
     assert p.train.gamma == 1.0
+
+
+def test_the_tactic_command_follows_cli_conventions(capsys):
+    from tactic import cli
+
+    assert cli.main(["--help"]) == 0 and "tactic datasets check" in capsys.readouterr().out
+    assert cli.main(["--version"]) == 0 and capsys.readouterr().out.startswith("tactic ")
+    assert cli.main(["nonsense"]) == 2 and "usage: tactic" in capsys.readouterr().err
+    assert cli.main(["profile", "no-such-profile"]) == 1 and "unknown 'no-such-profile'" in capsys.readouterr().err

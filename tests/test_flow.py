@@ -212,6 +212,25 @@ def test_one_prefect_task_per_stage(flow_runs):
 
 @pytest.mark.slow
 @PREFECT
+def test_the_flow_run_shows_its_results_and_progress_in_prefect(flow_runs):
+    script = """
+import json, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+with get_client(sync_client=True) as c:
+    arts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[sys.argv[1]])))
+print(json.dumps({a.key: [a.type, str(a.data)] for a in arts}))
+"""
+    out = subprocess.run([sys.executable, "-c", script, _flow_run_id(flow_runs["good"].stdout)], env=flow_runs["env"],
+                         capture_output=True, text=True, check=True)
+    artifacts = json.loads(out.stdout)
+    assert "| aware | beta=0.004 | 1 |" in artifacts["tactic-results"][1] and "BD-accuracy" in artifacts["tactic-results"][1]
+    assert "/runs/" in artifacts["tactic-mlflow"][1] and artifacts["tactic-progress"][0] == "progress"
+    assert float(artifacts["tactic-progress"][1]) == 100
+
+
+@pytest.mark.slow
+@PREFECT
 def test_compare_prints_the_operating_points_of_a_flow_run(flow_runs):
     parent = _parent(_flow_run_id(flow_runs["good"].stdout))
     csv = flow_runs["tmp"] / "c.csv"

@@ -4,8 +4,9 @@
     tactic datasets check rsscn7 /data/RSSCN7            # prepare params from params.yaml, these two replaced
     tactic datasets check imagenet-50 /data/imagenet/train --params params.yaml --workers 8
 
-Exit status: 0 when every image decodes, 1 when some do not (each listed with its path and reason),
-2 when the layout itself is wrong (the message names the expected layout and the first path off it).
+Exit status: 0 when the layout matches and every image decodes; 1 when some images do not (each
+listed with its path and reason) or the layout itself is wrong (the message names the expected
+layout and the first path off it); 2 for usage errors.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         report = check(cfg, args.workers)
     except (TacticError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 1
     seconds = time.perf_counter() - t0
     print(f"{report['dataset']}: {report['classes']} classes, {report['images']} images, all decoded in {seconds:.1f} s "
           f"({1000 * seconds / max(report['images'], 1):.1f} s per thousand); the splits prepare would make: "
