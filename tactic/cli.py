@@ -4,12 +4,14 @@
     tactic profile NAME                 merge profiles/NAME.yaml into params.yaml (tactic.profiles)
     tactic runs [clean]                 MLflow runs left RUNNING; end those whose process is gone (tactic.runs)
     tactic datasets check DATASET ROOT  a dataset's layout, counts and every image, before a long run (tactic.data.check)
+    tactic codec compress|decompress --model M IN OUT   a trained codec on an image file (tactic.codecs.tool)
 
 Exit status: 0 on success, 1 when the command ran and found a problem (or failed), 2 for usage errors.
 """
 import sys
 
-COMMANDS = {"compare": "tactic.compare", "profile": "tactic.profiles", "runs": "tactic.runs", "datasets": "tactic.data.check"}
+COMMANDS = {"compare": "tactic.compare", "profile": "tactic.profiles", "runs": "tactic.runs", "datasets": "tactic.data.check",
+            "codec": "tactic.codecs.tool"}
 
 
 def version() -> str:
