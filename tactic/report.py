@@ -177,6 +177,18 @@ def points_csv(points: list[dict]) -> str:
     return buf.getvalue()
 
 
+def point_metrics(points: list[dict]) -> dict:
+    """{mode: {point: {figure: value}}}: every operating point's mean and spread over seeds, as DVC
+    metrics (`dvc exp show` makes a column of each, `dvc metrics diff` compares two experiments)."""
+    out = {}
+    for p in points:
+        point = f"beta={p['beta']}" if p["beta"] is not None else f"q={p['quality']}" if p["quality"] is not None else "-"
+        out.setdefault(p["mode"], {})[point] = {k: round(p[k], 6) for k in
+                                                 ("accuracy", "accuracy_std", "miou", "miou_std", "top5", "bpp", "bpp_std", "psnr")
+                                                 if p.get(k) is not None}
+    return out
+
+
 def compressai_results(points: list[dict], mode: str, dataset: str) -> dict:
     """CompressAI's results format, with accuracy beside bpp, so its plotting tools can be reused."""
     ps = sorted((p for p in points if p["mode"] == mode), key=lambda p: p["bpp"])
@@ -286,6 +298,7 @@ def write_report(rows: list[dict], out: Path, title: str, dataset: str) -> dict:
     write_text(out / "summary.md", "\n".join(headline(summary, f) for f in fields))
     write_text(out / "points.csv", points_csv(points))
     write_json(out / "points.json", points)
+    write_json(out / "points_metrics.json", point_metrics(points))
     for mode in MODES:
         if any(p["mode"] == mode for p in points):
             write_json(out / "compressai" / f"{mode}.json", compressai_results(points, mode, dataset))
