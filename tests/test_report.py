@@ -55,6 +55,9 @@ def test_write_report(tmp_path):
     res = json.loads((tmp_path / "compressai" / "aware.json").read_text())
     assert res["name"] == "tactic-aware" and res["results"]["bpp"] == sorted(res["results"]["bpp"])
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    per_point = json.loads((tmp_path / "points_metrics.json").read_text())  # what `dvc exp show` tabulates
+    assert per_point["aware"]["beta=0.004"]["accuracy"] == pytest.approx(0.76) and per_point["jpeg"]["q=5"]["bpp"] == 0.5
+    assert per_point["aware"]["beta=0.004"]["accuracy_std"] == pytest.approx(0.01414, abs=1e-5)
     assert compressai_results(aggregate(_rows()), "jpeg", "x")["results"]["psnr-rgb"] == [20.0] * 3
 
 
