@@ -21,8 +21,8 @@ def _num(text, cast):
 
 
 def rows_from_runs(runs) -> list[dict]:
-    """Evaluated training runs as report rows; where a (mode, point, seed) was trained more than once,
-    the newest run counts."""
+    """Evaluated training runs as report rows; where a (dataset, task, grid, mode, point, seed) was
+    trained more than once, the newest run counts."""
     newest = {}
     for r in sorted(runs, key=lambda r: r.info.start_time or 0):
         prm, met = r.data.params, r.data.metrics
@@ -30,8 +30,9 @@ def rows_from_runs(runs) -> list[dict]:
             continue
         row = {"mode": prm["mode"], "seed": int(prm["seed"]), "beta": _num(prm.get("beta"), float),
                "quality": _num(prm.get("quality"), int), "mlflow_run_id": r.info.run_id,
+               "group": (prm.get("dataset"), prm.get("task"), r.data.tags.get("params_hash")),
                **{k: met[k] for k in ALL_TEST_METRICS if k in met}}
-        newest[(row["mode"], row["beta"], row["quality"], row["seed"])] = row
+        newest[(row["group"], row["mode"], row["beta"], row["quality"], row["seed"])] = row
     return list(newest.values())
 
 
@@ -58,9 +59,17 @@ def main(argv=None) -> int:
         print(f"no evaluated training runs found (tracking URI {tracking.tracking_uri()}); "
               "test metrics are written by the `evaluate` stage", file=sys.stderr)
         return 1
-    points = aggregate(rows)
-    print(table(points), end="")
+    # Runs of different datasets, tasks or grids (params_hash: the validated params of a run of the
+    # grid) are never averaged together: one table each.
+    groups = sorted({r["group"] for r in rows}, key=str)
+    csv = []
+    for group in groups:
+        points = aggregate([r for r in rows if r["group"] == group])
+        if len(groups) > 1:
+            print(f"\n## dataset {group[0]}, task {group[1]}, params {group[2] or '?'}\n")
+        print(table(points), end="")
+        csv.append(points_csv(points) if not csv else points_csv(points).split("\n", 1)[1])
     if args.csv:
-        write_text(args.csv, points_csv(points))
+        write_text(args.csv, "".join(csv))
         print(f"wrote {args.csv}")
     return 0

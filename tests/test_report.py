@@ -124,3 +124,29 @@ def test_golden_smoke_report(tmp_path):
     write_report(json.loads((golden / "smoke_eval.json").read_text()), tmp_path, "golden", "fashion-mnist")
     assert (tmp_path / "table.md").read_text() == (golden / "smoke_table.md").read_text()
     assert (tmp_path / "summary.md").read_text() == (golden / "smoke_summary.md").read_text()
+
+
+def test_compare_never_averages_runs_of_different_datasets_or_grids(capsys, tmp_path, monkeypatch):
+    """`tactic compare` reads the evaluated runs back from MLflow: runs of two datasets (or two grids)
+    at the same mode and point are two tables, not one mean."""
+    from tactic import compare, tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    client = tracking.setup().MlflowClient()
+    exp = client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    for dataset, accuracy in (("fashion-mnist", 0.8), ("rsscn7", 0.4)):
+        for seed in (0, 1):
+            run = client.create_run(exp, tags={"params_hash": f"h-{dataset}"})
+            for k, v in {"mode": "aware", "seed": seed, "beta": 0.1, "quality": None, "dataset": dataset,
+                         "task": "classification"}.items():
+                client.log_param(run.info.run_id, k, v)
+            client.log_metric(run.info.run_id, "accuracy", accuracy)
+            client.log_metric(run.info.run_id, "bpp", 0.2)
+            client.set_terminated(run.info.run_id)
+    assert compare.main(["--csv", str(tmp_path / "p.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "## dataset fashion-mnist" in out and "## dataset rsscn7" in out
+    assert "| 80.00 ± 0.00 |" in out and "| 40.00 ± 0.00 |" in out and "60.00" not in out
+    assert (tmp_path / "p.csv").read_text().count("mode,beta") == 1
+    monkeypatch.undo()
+    tracking.setup()  # back to the session's database for the tests that follow on this worker

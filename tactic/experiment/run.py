@@ -5,6 +5,7 @@ Stage scripts in `stages/` are thin command-line wrappers around these.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ def _train(p: Params, run: Run, plan: Plan, data: Path, models: Path) -> dict:
               "quantizer": getattr(system.codec, "quantizer", None),
               "task": p.model.task.task, "task_net": p.model.task.arch, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
               "lmbda_d": loss_fn.lmbda_d, "alpha": loss_fn.alpha, "beta_loss": loss_fn.beta, **plan.run_params}
-    with tracking.start_run(run.key, run.stage, params, run_id=run_id) as mlrun:
+    with tracking.start_run(run.key, run.stage, params, run_id=run_id, tags=_grid_tags(p)) as mlrun:
         t0 = time.perf_counter()
         train, val = plan.splits() if plan.splits else (load_split(data, "train"), load_split(data, "val"))
         history = fit(system, loss_fn, plan.optimizers, train, val, cfg, run.seed, device, ckpt_path, config_id,
@@ -61,6 +62,18 @@ def _train(p: Params, run: Run, plan: Plan, data: Path, models: Path) -> dict:
     for f in plan.caches:
         f.unlink(missing_ok=True)
     return history[-1]
+
+
+def _grid_tags(p: Params) -> dict:
+    """What makes the runs of one grid one filterable group in MLflow: the hash of its validated
+    params without the lists of seeds and operating points (a grid extended by a seed stays one group)
+    or the machine settings, and the DVC experiment (`dvc exp run` sets DVC_EXP_NAME)."""
+    grid = p.model_dump(exclude={"seeds": True, "betas": True, "device": True, "threads": True, "report": True,
+                                 "jpeg": {"qualities"}, "latent": {"qualities"}})
+    tags = {"params_hash": fingerprint(grid), "dataset": p.prepare.dataset, "task": p.model.task.task}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
+    return tags
 
 
 def _warn_at_chance(last: dict, num_val: int, classes: int, stage: str) -> None:
@@ -123,7 +136,8 @@ def evaluate_grid(p: Params, data: Path, models: Path, out: Path) -> list[dict]:
     UI shows loss weights, bpp and accuracy side by side."""
     device = resolve_device(p)
     runs = task_runs(p)
-    with tracking.start_run("evaluate", "evaluate", {"stage": "evaluate", "num_runs": len(runs), **p.evaluate.model_dump()}):
+    with tracking.start_run("evaluate", "evaluate", {"stage": "evaluate", "num_runs": len(runs), **p.evaluate.model_dump()},
+                            tags=_grid_tags(p)):
         client = tracking.setup().MlflowClient()
         rows, t0 = [], time.perf_counter()
         for i, run in enumerate(runs):
