@@ -42,7 +42,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q uv
-	$(VENV)/bin/uv pip install --python $(PY) --compile-bytecode -q -e '.[test]'
+	$(VENV)/bin/uv pip install --python $(PY) --compile-bytecode -q -e '.[test,kubeflow]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 data:

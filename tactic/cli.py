@@ -5,13 +5,15 @@
     tactic runs [clean]                 MLflow runs left RUNNING; end those whose process is gone (tactic.runs)
     tactic datasets check DATASET ROOT  a dataset's layout, counts and every image, before a long run (tactic.data.check)
     tactic codec compress|decompress --model M IN OUT   a trained codec on an image file (tactic.codecs.tool)
+    tactic kubeflow compile [--profile NAME] -o tactic.yaml   the stages as a Kubeflow pipeline (pipeline.kubeflow)
 
 Exit status: 0 on success, 1 when the command ran and found a problem (or failed), 2 for usage errors.
 """
 import sys
 
 COMMANDS = {"compare": "tactic.compare", "profile": "tactic.profiles", "runs": "tactic.runs", "datasets": "tactic.data.check",
-            "codec": "tactic.codecs.tool"}
+            "codec": "tactic.codecs.tool",
+            "kubeflow": "pipeline.kubeflow"}  # the one command above the library: it needs the optional kfp
 
 
 def version() -> str:

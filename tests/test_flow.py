@@ -283,3 +283,34 @@ def test_real_dvc_lock_errors_are_retried(tmp_path, lock):
         message = "is busy, it is being blocked by"
     status, output = run_dvc_stage("s", repo, stage_env())
     assert status == "ran" and message in output and (repo / "out.txt").read_text() == "x"
+
+
+def _dot_graph(text: str) -> tuple[set, set]:
+    """The stages of `dvc dag --dot` and its (stage, stage it depends on) pairs."""
+    import re
+
+    return set(re.findall(r'^"([^"]+)";$', text, re.M)), {(b, a) for a, b in re.findall(r'"([^"]+)" -> "([^"]+)"', text)}
+
+
+@pytest.mark.slow
+def test_kubeflow_pipeline_of_every_profile_has_dvcs_stages_and_edges(tmp_path):
+    """The compiled KFP pipeline against DVC's own view of the same params (`dvc dag`: stages, edges)."""
+    from pipeline.kubeflow import compile_pipeline
+    from tactic.profiles import PROFILES
+
+    repo = copy_repo(tmp_path / "repo", repo_params({}))
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    for profile in sorted(f.stem for f in PROFILES.glob("*.yaml")):
+        write_params(repo / "params.yaml", resolve_params(REPO, profile=profile))
+        compile_pipeline(tmp_path / f"{profile}.yaml", repo)
+        spec, platform = yaml.safe_load_all((tmp_path / f"{profile}.yaml").read_text())  # kfp-kubernetes: the PVC
+        assert "tactic-workspace" in json.dumps(platform), profile
+        tasks = spec["root"]["dag"]["tasks"]
+        names = {key: t["taskInfo"]["name"] for key, t in tasks.items()}
+        edges = {(names[key], names[dep]) for key, t in tasks.items() for dep in t.get("dependentTasks", [])}
+        dag = subprocess.run([BIN / "dvc", "dag", "--dot"], cwd=repo, capture_output=True, text=True, check=True)
+        assert (set(names.values()), edges) == _dot_graph(dag.stdout), profile
+        task = next(iter(tasks.values()))
+        executor = spec["deploymentSpec"]["executors"][task["componentRef"]["name"].replace("comp-", "exec-")]
+        assert "dvc repro --single-item" in " ".join(executor["container"]["args"]), profile
+        assert task["cachingOptions"] == {} or not task["cachingOptions"].get("enableCache"), profile
