@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from tactic.errors import TacticError
+from tactic.io import atomic_path
 
 MAGIC, VERSION = b"TACT", 1
 
@@ -118,9 +119,8 @@ def write_png(path: Path, x: torch.Tensor) -> None:
 
     pixels = (x[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def main(argv=None) -> int:
@@ -136,9 +136,8 @@ def main(argv=None) -> int:
             x = read_image(args.input, codec.config["in_channels"])
             streams, shape, padded = compress(codec, x)
             data = pack(model_hash(args.model), tuple(x.shape[-2:]), padded, x.shape[1], shape, streams)
-            tmp = args.output.with_name(f".{args.output.name}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(args.output)
+            with atomic_path(args.output) as tmp:
+                tmp.write_bytes(data)
             h, w = x.shape[-2:]
             print(f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp ({h}x{w}, {codec.arch})")
         else:

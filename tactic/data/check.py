@@ -17,21 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from tactic.config import DEFAULT_PARAMS, PrepareParams, load_params
 from tactic.data.images import Bad, load_pair
-from tactic.data.layouts import CITYSCAPES_TRAIN_IDS, IGNORE, index as index_dataset
+from tactic.data.layouts import index as index_dataset, label_lut
 from tactic.data.prepare import choose_splits
 from tactic.errors import TacticError
-
-
-def _lut(dataset: str):
-    if dataset != "cityscapes":
-        return None
-    lut = np.full(256, IGNORE, dtype=np.uint8)
-    lut[list(CITYSCAPES_TRAIN_IDS)] = list(CITYSCAPES_TRAIN_IDS.values())
-    return lut
 
 
 def _decode(task):
@@ -45,7 +36,7 @@ def check(cfg: PrepareParams, workers: int | None = None) -> dict:
     layout's DatasetError (a TacticError) when the layout does not match."""
     ix = index_dataset(cfg)
     splits = choose_splits(ix, cfg)
-    lut = _lut(ix.dataset)  # every image of the layout is decoded, not only those the splits take
+    lut = label_lut(ix.dataset)  # every image of the layout is decoded, not only those the splits take
     tasks = ((ix.images[i], ix.targets[i], ix.channels, lut) for i in range(len(ix.images)))
     workers = workers or os.cpu_count() or 1
     if workers > 1 and len(ix.images) >= 64:

@@ -71,6 +71,15 @@ class Index:
         return np.asarray(self.targets, dtype=np.int64)
 
 
+def label_lut(dataset: str) -> Optional[np.ndarray]:
+    """Cityscapes label id -> train id (the rest IGNORE) as a 256-entry table; None for other datasets."""
+    if dataset != "cityscapes":
+        return None
+    lut = np.full(256, IGNORE, dtype=np.uint8)
+    lut[list(CITYSCAPES_TRAIN_IDS)] = list(CITYSCAPES_TRAIN_IDS.values())
+    return lut
+
+
 def _fail(dataset: str, problem: str) -> DatasetError:
     return DatasetError(f"{dataset}: {problem}; expected layout {LAYOUTS[dataset]}")
 

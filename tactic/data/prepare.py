@@ -23,7 +23,7 @@ from tactic import tracking
 from tactic.config import PrepareParams
 from tactic.data.errors import DatasetError
 from tactic.data.images import Bad, load_pair
-from tactic.data.layouts import CITYSCAPES_TRAIN_IDS, IGNORE, Index, index as index_dataset
+from tactic.data.layouts import Index, index as index_dataset, label_lut
 from tactic.data.prepared import SPLITS, RowFile, prepared_dir, stratified_split
 from tactic.errors import TacticError
 from tactic.io import write_json
@@ -118,10 +118,7 @@ def _row_shape(ix: Index, positions, cfg: PrepareParams, lut) -> tuple:
 
 def _write_split(folder: Path, ix: Index, positions: np.ndarray, cfg: PrepareParams, pool, skipped: list) -> int:
     folder.mkdir()
-    lut = None
-    if ix.dataset == "cityscapes":
-        lut = np.full(256, IGNORE, dtype=np.uint8)
-        lut[list(CITYSCAPES_TRAIN_IDS)] = list(CITYSCAPES_TRAIN_IDS.values())
+    lut = label_lut(ix.dataset)
     shape = _row_shape(ix, positions, cfg, lut)
     segmentation = ix.task == "segmentation"
     out = _Out(RowFile(folder / "images.npy", len(positions), shape),
