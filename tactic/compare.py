@@ -12,7 +12,7 @@ import sys
 from tactic import tracking
 from tactic.experiment.grid import MODES
 from tactic.io import write_text
-from tactic.metrics import ALL_TEST_METRICS
+from tactic.metrics import ALL_TEST_METRICS, TRACKED_NAMES
 from tactic.report import aggregate, points_csv, table
 
 
@@ -25,7 +25,10 @@ def rows_from_runs(runs) -> list[dict]:
     trained more than once, the newest run counts."""
     newest = {}
     for r in sorted(runs, key=lambda r: r.info.start_time or 0):
-        prm, met = r.data.params, r.data.metrics
+        prm = r.data.params
+        # MLflow names the headline score by task (top1, pixel_accuracy); rows call it accuracy.
+        met = {**r.data.metrics, **{"accuracy": v for k, v in r.data.metrics.items()
+                                    if k == TRACKED_NAMES.get(prm.get("task"), {}).get("accuracy")}}
         if prm.get("mode") not in MODES or "accuracy" not in met:
             continue
         row = {"mode": prm["mode"], "seed": int(prm["seed"]), "beta": _num(prm.get("beta"), float),

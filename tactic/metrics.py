@@ -15,10 +15,24 @@ import torch
 
 # The test metrics of a run: what `evaluate` writes into results/eval.json and into each training
 # run's MLflow run, what the report aggregates over seeds and what `tactic compare` reads back.
-RATE_METRICS = ("bpp", "bpp_estimated", "bpp_file", "psnr")
+RATE_METRICS = ("bpp", "bpp_estimated", "bpp_file", "psnr", "msssim")
 TEST_METRICS = {"classification": ("accuracy", "top5", *RATE_METRICS),  # accuracy: top-1
                 "segmentation": ("accuracy", "miou", *RATE_METRICS)}   # accuracy: pixel accuracy
 ALL_TEST_METRICS = ("accuracy", "top5", "miou", *RATE_METRICS)
+# In files `accuracy` is each task's headline score, so one report reads both tasks; in MLflow, where
+# runs of both tasks sit side by side, it is logged under the name of what it is.
+TRACKED_NAMES = {"classification": {"accuracy": "top1"}, "segmentation": {"accuracy": "pixel_accuracy"}}
+
+
+def tracked_names(metrics: dict, task: str) -> dict:
+    """`metrics` as MLflow names them for `task`: `accuracy` -> `top1`, `val_accuracy` -> `val_top1`, ..."""
+    rename = TRACKED_NAMES[task]
+
+    def name(key):
+        head, _, last = key.rpartition("_")
+        return f"{head}_{rename[last]}".lstrip("_") if last in rename else key
+
+    return {name(k): v for k, v in metrics.items()}
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
@@ -28,10 +42,28 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[
     return {k: int(hit[:, :k].any(dim=1).sum()) for k in ks}
 
 
+def _as_8bit(x: torch.Tensor) -> torch.Tensor:
+    return (x.float().clamp(0, 1) * 255).round()
+
+
 def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [0, 1]; identical images give +inf."""
-    mse = (x_hat.clamp(0, 1) - x).pow(2).flatten(1).mean(1)
-    return -10 * torch.log10(mse)
+    """Per-image PSNR in dB of images in [0, 1], on their 8-bit values as stored or shown (CompressAI's
+    `compute_metrics`: both rounded to 0..255, peak 255); identical images give +inf."""
+    mse = (_as_8bit(x_hat) - _as_8bit(x)).pow(2).flatten(1).mean(1)
+    return 20 * torch.log10(torch.tensor(255.0)) - 10 * torch.log10(mse)
+
+
+MS_SSIM_MIN_SIDE = 161  # five scales of an 11-pixel window: (11 - 1) * 2**4 + 1
+
+
+def ms_ssim(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """Per-image MS-SSIM on 8-bit values (CompressAI's: pytorch_msssim, five scales, data range 255);
+    None for images under MS_SSIM_MIN_SIDE pixels a side, where its coarsest scale has no window."""
+    if min(x.shape[-2:]) < MS_SSIM_MIN_SIDE:
+        return None
+    from pytorch_msssim import ms_ssim as _ms_ssim
+
+    return _ms_ssim(_as_8bit(x_hat), _as_8bit(x), data_range=255, size_average=False)
 
 
 def _curve(rate, acc) -> tuple[np.ndarray, np.ndarray]:
@@ -43,20 +75,37 @@ def _curve(rate, acc) -> tuple[np.ndarray, np.ndarray]:
     return np.log10(rate[order]), acc[order]
 
 
-def bd_accuracy(rate_a, acc_a, rate_b, acc_b, samples: int = 1000) -> float:
+BD_METHODS = ("linear", "pchip")
+
+
+def bd_accuracy(rate_a, acc_a, rate_b, acc_b, samples: int = 1000, method: str = "linear") -> float:
     """Mean accuracy of curve B minus curve A over their overlapping log-rate range.
 
-    Bjontegaard's delta, with accuracy in place of PSNR: each curve is interpolated piecewise
-    linearly in log10(bpp) (robust where a cubic fit of few noisy points overshoots) and the
-    difference is averaged over the common interval. Positive means B is more accurate at equal rate.
-    Raises ValueError when the rate ranges do not overlap.
+    Bjontegaard's delta, with accuracy in place of PSNR: each curve is interpolated in log10(bpp) and
+    the difference is averaged over the common interval. `linear`: piecewise linear (robust where a
+    cubic fit of few noisy points overshoots); `pchip`: piecewise cubic Hermite (monotone between
+    points, never overshooting them), the interpolation of the field's current BD tools (JVET CTC).
+    Positive means B is more accurate at equal rate. Raises ValueError when the rate ranges do not overlap.
     """
     (ra, aa), (rb, ab) = _curve(rate_a, acc_a), _curve(rate_b, acc_b)
     lo, hi = max(ra[0], rb[0]), min(ra[-1], rb[-1])
     if hi <= lo:
         raise ValueError(f"rate ranges do not overlap: [{10**ra[0]:.3g}, {10**ra[-1]:.3g}] and [{10**rb[0]:.3g}, {10**rb[-1]:.3g}] bpp")
+    if method == "pchip":
+        from scipy.interpolate import PchipInterpolator
+
+        fa, fb = (PchipInterpolator(*_distinct(r, a)) for r, a in ((ra, aa), (rb, ab)))
+        return float((fb.integrate(lo, hi) - fa.integrate(lo, hi)) / (hi - lo))
     grid = np.linspace(lo, hi, samples)
     return float(np.mean(np.interp(grid, rb, ab) - np.interp(grid, ra, aa)))
+
+
+def _distinct(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points with equal x merged into their mean (a cubic interpolant needs strictly increasing x)."""
+    xs, inverse = np.unique(x, return_inverse=True)
+    if len(xs) < 2:
+        raise ValueError("a curve needs at least two distinct rates")
+    return xs, np.bincount(inverse, weights=y) / np.bincount(inverse)
 
 
 def _first_crossing(log_rate: np.ndarray, acc: np.ndarray, target: float) -> float | None:
@@ -73,19 +122,28 @@ def _first_crossing(log_rate: np.ndarray, acc: np.ndarray, target: float) -> flo
     return None
 
 
-def bd_rate(rate_a, acc_a, rate_b, acc_b, samples: int = 1000) -> float:
+def bd_rate(rate_a, acc_a, rate_b, acc_b, samples: int = 1000, method: str = "linear") -> float:
     """Rate change of curve B against curve A at equal accuracy, in percent (negative: B needs fewer bits).
 
-    Bjontegaard's BD-rate with accuracy in place of PSNR: for every accuracy both curves reach,
-    the lowest rate at which each reaches it (piecewise linear in log10(bpp), see `_first_crossing`);
-    the mean log-rate difference over the overlapping accuracy range, as a percentage. A curve's
-    range runs from the accuracy at its lowest rate to its best accuracy.
-    Raises ValueError when the accuracy ranges do not overlap.
+    Bjontegaard's BD-rate with accuracy in place of PSNR: for every accuracy both curves reach, the
+    log rate at which each reaches it; the mean log-rate difference over the overlapping accuracy
+    range, as a percentage. A curve's range runs from the accuracy at its lowest rate to its best.
+    `linear`: the lowest rate at which the piecewise-linear curve first reaches the accuracy (defined
+    for curves that are not monotone, see `_first_crossing`); `pchip`: log rate as a piecewise cubic
+    Hermite function of accuracy, as Bjontegaard's tools do, which needs accuracy rising with rate.
+    Raises ValueError when the accuracy ranges do not overlap, or (pchip) a curve is not monotone.
     """
     (ra, aa), (rb, ab) = _curve(rate_a, acc_a), _curve(rate_b, acc_b)
     lo, hi = max(aa[0], ab[0]), min(aa.max(), ab.max())
     if hi <= lo:
         raise ValueError(f"score ranges (accuracy, mIoU) do not overlap: [{aa[0]:.3g}, {aa.max():.3g}] and [{ab[0]:.3g}, {ab.max():.3g}]")
+    if method == "pchip":
+        from scipy.interpolate import PchipInterpolator
+
+        if (np.diff(aa) <= 0).any() or (np.diff(ab) <= 0).any():
+            raise ValueError("pchip BD-rate needs accuracy rising with rate on both curves; one is not monotone")
+        fa, fb = PchipInterpolator(aa, ra), PchipInterpolator(ab, rb)
+        return float(100 * (10 ** ((fb.integrate(lo, hi) - fa.integrate(lo, hi)) / (hi - lo)) - 1))
     grid = np.linspace(lo, hi, samples)
     diff = [_first_crossing(rb, ab, a) - _first_crossing(ra, aa, a) for a in grid]
     return float(100 * (10 ** np.mean(diff) - 1))

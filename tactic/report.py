@@ -18,7 +18,7 @@ from tactic.experiment.grid import MODES
 from tactic.experiment.modes import MODES as MODE_TABLE
 from tactic.io import atomic_path, write_json, write_text
 from tactic.metrics import ALL_TEST_METRICS as FIELDS
-from tactic.metrics import accuracy_at_rate, at_chance, bd_accuracy, bd_rate, rate_at_accuracy
+from tactic.metrics import BD_METHODS, accuracy_at_rate, at_chance, bd_accuracy, bd_rate, rate_at_accuracy
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -55,6 +55,7 @@ def comparisons(points: list[dict], field: str = "accuracy") -> tuple[dict, dict
 
     - bd_<field>_<mode>_vs_<ref>: BD-accuracy (percentage points) over the overlapping rate range;
     - bdrate_<field>_<mode>_vs_<ref>: BD-rate (%) over the overlapping accuracy range;
+      both with piecewise-linear interpolation, and with `_pchip` (tactic.metrics.bd_accuracy) beside;
     and, with `aware` and `jpeg`, at JPEG's lowest rate (its cheapest operating point), which learned
     codecs often undercut, so that a comparison exists where the rate ranges do not overlap:
     - jpeg_min_rate, jpeg_min_rate_<field>: that point;
@@ -77,8 +78,10 @@ def comparisons(points: list[dict], field: str = "accuracy") -> tuple[dict, dict
     for mode, ref in PAIRS:
         if mode in modes and ref in modes:
             curve, ref_curve = _curve(points, mode, field), _curve(points, ref, field)
-            put(f"bd_{field}_{mode}_vs_{ref}", lambda: scale * bd_accuracy(*ref_curve, *curve))
-            put(f"bdrate_{field}_{mode}_vs_{ref}", lambda: bd_rate(*ref_curve, *curve))
+            for method in BD_METHODS:  # linear as the headline figure, pchip beside it
+                suffix = "" if method == "linear" else f"_{method}"
+                put(f"bd_{field}_{mode}_vs_{ref}{suffix}", lambda: scale * bd_accuracy(*ref_curve, *curve, method=method))
+                put(f"bdrate_{field}_{mode}_vs_{ref}{suffix}", lambda: bd_rate(*ref_curve, *curve, method=method))
     jpeg = [p for p in points if p["mode"] == "jpeg" and field in p]
     if not jpeg or "aware" not in modes:
         return out, notes
@@ -157,20 +160,24 @@ def _segmentation(points) -> bool:
 def table(points: list[dict]) -> str:
     seg = _segmentation(points)
     task = ("pixel acc. %", "mIoU %") if seg else ("top-1 %", "top-5 %")
-    head = (f"| mode | point | seeds | {task[0]} | {task[1]} | bpp (real) | bpp (estimated) | bpp (JPEG file) | PSNR dB |\n"
-            "|---|---|---|---|---|---|---|---|---|\n")
+    msssim = any("msssim" in p for p in points)  # only images of 161 pixels a side or more have one
+    head = (f"| mode | point | seeds | {task[0]} | {task[1]} | bpp (real) | bpp (estimated) | bpp (JPEG file) | PSNR dB |"
+            f"{' MS-SSIM |' if msssim else ''}\n|---|---|---|---|---|---|---|---|---|{'---|' if msssim else ''}\n")
     lines = []
     for p in points:
         point = f"beta={p['beta']}" if p["beta"] is not None else (f"q={p['quality']}" if p["quality"] is not None else "-")
         lines.append(f"| {p['mode']} | {point} | {len(p['seeds'])} | {_fmt(p, 'accuracy', 100, 2)} | "
                      f"{_fmt(p, 'miou' if seg else 'top5', 100, 2)} | "
-                     f"{_fmt(p, 'bpp')} | {_fmt(p, 'bpp_estimated')} | {_fmt(p, 'bpp_file')} | {_fmt(p, 'psnr', 1, 2)} |")
+                     f"{_fmt(p, 'bpp')} | {_fmt(p, 'bpp_estimated')} | {_fmt(p, 'bpp_file')} | {_fmt(p, 'psnr', 1, 2)} |"
+                     + (f" {_fmt(p, 'msssim', 1, 4)} |" if msssim else ""))
     return head + "\n".join(lines) + "\n"
 
 
 def points_csv(points: list[dict]) -> str:
+    """One row per operating point (means and spreads over seeds): DVC's rate plots read it."""
     buf = io.StringIO()
-    cols = ["mode", "beta", "quality", "bpp", "bpp_std", "accuracy", "accuracy_std", "miou", "miou_std", "psnr"]
+    cols = ["mode", "beta", "quality", "bpp", "bpp_std", "accuracy", "accuracy_std", "miou", "miou_std", "psnr", "psnr_std",
+            "msssim"]
     w = csv.DictWriter(buf, cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(points)
@@ -184,7 +191,7 @@ def point_metrics(points: list[dict]) -> dict:
     for p in points:
         point = f"beta={p['beta']}" if p["beta"] is not None else f"q={p['quality']}" if p["quality"] is not None else "-"
         out.setdefault(p["mode"], {})[point] = {k: round(p[k], 6) for k in
-                                                 ("accuracy", "accuracy_std", "miou", "miou_std", "top5", "bpp", "bpp_std", "psnr")
+                                                 ("accuracy", "accuracy_std", "miou", "miou_std", "top5", "bpp", "bpp_std", "psnr", "msssim")
                                                  if p.get(k) is not None}
     return out
 
@@ -193,10 +200,11 @@ def compressai_results(points: list[dict], mode: str, dataset: str) -> dict:
     """CompressAI's results format, with accuracy beside bpp, so its plotting tools can be reused."""
     ps = sorted((p for p in points if p["mode"] == mode), key=lambda p: p["bpp"])
     results = {k: [p.get(k) for p in ps] for k in ("bpp", "bpp_std", "accuracy", "accuracy_std", "top5", "miou", "miou_std",
-                                                   "bpp_estimated", "bpp_file", "psnr")}
+                                                   "bpp_estimated", "bpp_file", "psnr", "msssim")}
     results = {k: v for k, v in results.items() if any(x is not None for x in v)}
-    if "psnr" in results:
-        results["psnr-rgb"] = results.pop("psnr")
+    for ours, theirs in (("psnr", "psnr-rgb"), ("msssim", "ms-ssim-rgb")):  # CompressAI's names (8-bit, as theirs)
+        if ours in results:
+            results[theirs] = results.pop(ours)
     return {"name": f"tactic-{mode}", "description": f"{mode} on {dataset}, mean over seeds", "results": results}
 
 
@@ -205,8 +213,11 @@ def headline(summary: dict, field: str = "accuracy") -> str:
     spread over seeds, and the reason where a figure is missing or a seed was left out."""
     name = {"accuracy": "accuracy", "miou": "mIoU"}[field]
     rows = [(f"uncompressed_{field}", f"uncompressed {name} (%)", ".2f")]
-    rows += [(f"bd_{field}_{m}_vs_{r}", f"BD-{name} {m} vs {r} (points)", ".2f") for m, r in PAIRS]
-    rows += [(f"bdrate_{field}_{m}_vs_{r}", f"BD-rate {m} vs {r} at equal {name} (%)", ".1f") for m, r in PAIRS]
+    for suffix, method in (("", "linear"), ("_pchip", "pchip")):
+        rows += [(f"bd_{field}_{m}_vs_{r}{suffix}", f"BD-{name} {m} vs {r} (points, {method})", ".2f") for m, r in PAIRS]
+    for suffix, method in (("", "linear"), ("_pchip", "pchip")):
+        rows += [(f"bdrate_{field}_{m}_vs_{r}{suffix}", f"BD-rate {m} vs {r} at equal {name} (%, {method})", ".1f")
+                 for m, r in PAIRS]
     rows += [("jpeg_min_rate", "JPEG's lowest rate (bpp)", ".3f"),
             (f"jpeg_min_rate_{field}", f"JPEG's {name} there (%)", ".2f"),
             (f"aware_{field}_at_jpeg_min_rate", f"aware's best {name} at or below that rate (%)", ".2f"),
@@ -234,7 +245,22 @@ def headline(summary: dict, field: str = "accuracy") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(points: list[dict], path: Path, title: str) -> None:
+def curves_csv(rows: list[dict]) -> str:
+    """Every evaluated run's per-epoch training log (its validation scores and losses), one row per
+    run and epoch: DVC's training-curve plot reads it, one line per run, coloured by mode."""
+    keep = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_miou", "val_psnr", "val_bpp_loss")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, ["run", "mode", "point", "seed", *keep], extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        point = f"beta={r['beta']}" if r.get("beta") is not None else f"q={r['quality']}" if r.get("quality") is not None else "-"
+        for epoch in r.get("history", []):
+            w.writerow({"run": r["run"], "mode": r["mode"], "point": point, "seed": r["seed"],
+                        **{k: epoch[k] for k in keep if epoch.get(k) is not None}})
+    return buf.getvalue()
+
+
+def plot(points: list[dict], path: Path, title: str, log_figure=None) -> None:
     """Rate-accuracy; for segmentation a rate-mIoU panel beside it. JPEG's lowest rate and its
     accuracy there are marked: the matched-rate comparison where the rate ranges do not overlap."""
     import matplotlib
@@ -278,11 +304,14 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+    if log_figure:
+        log_figure(fig, path.name)
     plt.close(fig)
 
 
-def write_report(rows: list[dict], out: Path, title: str, dataset: str) -> dict:
-    """Everything the report stage writes under `out`; returns the summary (the DVC metrics)."""
+def write_report(rows: list[dict], out: Path, title: str, dataset: str, log_figure=None) -> dict:
+    """Everything the report stage writes under `out`; returns the summary (the DVC metrics).
+    `log_figure(figure, name)` also receives the rate-accuracy figure (MLflow's `log_figure`)."""
     points = aggregate(rows)
     summary = {"num_runs": len(rows), "runs_at_chance": runs_at_chance(rows), **bd_summary(points, rows)}
     fields = ["accuracy"]
@@ -297,12 +326,13 @@ def write_report(rows: list[dict], out: Path, title: str, dataset: str) -> dict:
     write_text(out / "table.md", table(points))
     write_text(out / "summary.md", "\n".join(headline(summary, f) for f in fields))
     write_text(out / "points.csv", points_csv(points))
+    write_text(out / "curves.csv", curves_csv(rows))
     write_json(out / "points.json", points)
     write_json(out / "points_metrics.json", point_metrics(points))
     for mode in MODES:
         if any(p["mode"] == mode for p in points):
             write_json(out / "compressai" / f"{mode}.json", compressai_results(points, mode, dataset))
-    plot(points, out / "rate_accuracy.png", title)
+    plot(points, out / "rate_accuracy.png", title, log_figure)
     write_json(out / "summary.json", summary)
     return summary
 
@@ -312,9 +342,9 @@ def report_tracked(eval_json: Path, out: Path, title: str, dataset: str) -> dict
     that logs the summary's figures and the files."""
     rows = json.loads(Path(eval_json).read_text())
     with tracking.start_run("report", "report", {"stage": "report", "num_runs": len(rows)}):
-        summary = write_report(rows, out, title, dataset)
+        summary = write_report(rows, out, title, dataset, tracking.log_figure)
         tracking.log_metrics({**{k: v for k, v in summary.items() if isinstance(v, (int, float))},
                               "num_runs_at_chance": len(summary["runs_at_chance"])})
-        for name in ("rate_accuracy.png", "table.md", "summary.md", "summary.json", "points.csv"):
+        for name in ("table.md", "summary.md", "summary.json", "points.csv", "curves.csv"):
             tracking.log_artifact(out / name)
     return summary

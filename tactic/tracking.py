@@ -7,6 +7,7 @@ A stage launched by a flow finds the flow's parent run in `TACTIC_PARENT_RUN_ID`
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import socket
@@ -87,7 +88,12 @@ def start_run(name: str, stage: str | None, params: dict, run_id: str | None = N
     parent = os.environ.get("TACTIC_PARENT_RUN_ID")
     if parent:
         tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else name, tags=tags) as run:
+    # System metrics (CPU, memory, disk; GPU where pynvml finds one) every 2 s unless set otherwise:
+    # a stage lasts seconds to minutes, MLflow's default of 10 s would record next to nothing.
+    os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "2")
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines, every stage
+    system_metrics = os.environ.get("TACTIC_SYSTEM_METRICS", "1") != "0"
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else name, tags=tags, log_system_metrics=system_metrics) as run:
         if run_id is None:  # a resumed run has its params, and the tags above make it this process's
             mlflow.log_params(params)
         elif "failure_reason" in run.data.tags:  # it resumes what was killed: say so, it is no failure now
@@ -118,6 +124,12 @@ def set_tag(key: str, value: str) -> None:
     import mlflow
 
     mlflow.set_tag(key, value)
+
+
+def log_figure(figure, name: str) -> None:
+    import mlflow
+
+    mlflow.log_figure(figure, name)
 
 
 def log_artifact(path: str | Path) -> None:

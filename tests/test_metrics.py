@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tactic.metrics import accuracy_at_rate, bd_accuracy, bd_rate, psnr, rate_at_accuracy, topk_correct
+from tactic.metrics import accuracy_at_rate, bd_accuracy, bd_rate, ms_ssim, psnr, rate_at_accuracy, topk_correct, tracked_names
 
 
 def test_bd_accuracy_constant_offset():
@@ -36,8 +36,38 @@ def test_topk_and_psnr():
     assert topk_correct(logits, torch.tensor([1, 2]), ks=(1, 2)) == {1: 1, 2: 1}
     assert 5 not in topk_correct(logits, torch.tensor([1, 2]))  # fewer than 5 classes: no top-5
     x = torch.zeros(1, 1, 4, 4)
-    assert float(psnr(x + 0.1, x)) == pytest.approx(20.0, rel=1e-5)
+    assert float(psnr(x + 10 / 255, x)) == pytest.approx(20 * np.log10(25.5), rel=1e-5)  # 10 grey levels off
     assert np.isinf(float(psnr(x, x)))
+    # On 8-bit values, as CompressAI: a difference under half a grey level is no difference.
+    assert np.isinf(float(psnr(x + 0.4 / 255, x))) and float(psnr(x + 0.6 / 255, x)) == pytest.approx(20 * np.log10(255))
+
+
+def test_ms_ssim_on_8bit_values_and_only_where_defined():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 176, 176, generator=g)
+    assert ms_ssim(x, x).tolist() == pytest.approx([1.0, 1.0])
+    noisy = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    worse = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    assert (ms_ssim(worse, x) < ms_ssim(noisy, x)).all() and (ms_ssim(noisy, x) < 1).all()
+    assert ms_ssim(x[..., :160, :160], x[..., :160, :160]) is None  # its coarsest scale would have no 11-px window
+
+
+def test_pchip_bd_beside_linear():
+    # A constant shift in accuracy is the same for any interpolation; pchip follows a curved one more closely.
+    r, a = [0.1, 0.2, 0.4, 0.8], [0.5, 0.62, 0.7, 0.74]
+    for method in ("linear", "pchip"):
+        assert bd_accuracy(r, a, r, [v + 0.05 for v in a], method=method) == pytest.approx(0.05)
+        assert bd_rate(r, a, [x / 2 for x in r], a, method=method) == pytest.approx(-50.0)
+    assert bd_accuracy([0.1, 0.1, 0.4], [0.5, 0.6, 0.7], r, a, method="pchip") is not None  # a repeated rate is merged
+    with pytest.raises(ValueError, match="not monotone"):
+        bd_rate(r, [0.5, 0.7, 0.6, 0.75], r, a, method="pchip")
+    assert bd_rate(r, [0.5, 0.7, 0.6, 0.75], r, a) is not None  # linear takes the first crossing
+
+
+def test_mlflow_names_say_what_accuracy_is():
+    m = {"accuracy": 0.8, "val_accuracy": 0.7, "top5": 0.9, "val_bpp": 0.2}
+    assert tracked_names(m, "classification") == {"top1": 0.8, "val_top1": 0.7, "top5": 0.9, "val_bpp": 0.2}
+    assert tracked_names({"accuracy": 0.8, "miou": 0.5}, "segmentation") == {"pixel_accuracy": 0.8, "miou": 0.5}
 
 
 def test_bd_rate_of_a_curve_shifted_in_rate():

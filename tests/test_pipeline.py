@@ -23,7 +23,8 @@ def test_dvc_repro_runs_the_grid_then_does_nothing(tmp_path, fmnist_root, _mlflo
     # set-up, and the grid's width is covered in-process by tests/test_datasets_pipeline.py.
     small = {**TINY, "betas": [0.004], "jpeg": {"qualities": [5]}}
     repo = copy_repo(tmp_path / "repo", repo_params(small))
-    env = subprocess_env(_mlflow_db)
+    # System metrics every 0.5 s: MLflow logs a sample only after a full interval, and these stages last seconds.
+    env = {**subprocess_env(_mlflow_db), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"}
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)  # .dvc/ came with the copy
     p = parse_params(small)
     listed = subprocess.run([BIN / "dvc", "stage", "list", "--name-only"], cwd=repo, env=env, capture_output=True, text=True, check=True)
@@ -53,7 +54,27 @@ def test_dvc_repro_runs_the_grid_then_does_nothing(tmp_path, fmnist_root, _mlflo
     assert len(aware) >= 1
     last = aware.iloc[0]
     assert float(last["params.beta"]) == 0.004 and float(last["params.alpha"]) == p.train.alpha
-    assert 0 < last["metrics.bpp"] < 8 and 0 <= last["metrics.accuracy"] <= 1 and last["metrics.bpp_estimated"] > 0
+    assert 0 < last["metrics.bpp"] < 8 and 0 <= last["metrics.top1"] <= 1 and last["metrics.bpp_estimated"] > 0
+    assert "metrics.accuracy" not in runs or runs["metrics.accuracy"].isna().all()  # MLflow says top1, not accuracy
+    # The model as DVC knows it: its path, and the hash dvc.lock records for the stage's output.
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train_aware@0.004-0"]
+    assert last["tags.model_path"].startswith("models/aware/") and last["tags.dvc_md5"] == lock["outs"][0]["md5"]
+    assert last["metrics.system/cpu_utilization_percentage"] >= 0  # system metrics on
+    report = mlflow.search_runs(experiment_names=["tactic"], filter_string="tags.dvc_stage = 'report'").iloc[0]
+    assert "rate_accuracy.png" in [a.path for a in mlflow.MlflowClient().list_artifacts(report["run_id"])]  # log_figure
+
+    # DVC's plots: one series per mode on a log rate axis, valid Vega-Lite (rendered offline by vl-convert).
+    import vl_convert
+
+    shown = subprocess.run([BIN / "dvc", "plots", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True, check=True)
+    plots = json.loads(shown.stdout)["data"]
+    spec = plots["rate-accuracy"][0]["content"]
+    assert spec["encoding"]["x"]["scale"]["type"] == "log" and spec["encoding"]["color"]["field"] == "mode"
+    assert {v["mode"] for v in spec["data"]["values"]} == {"uncompressed", "jpeg", "agnostic", "aware"}
+    curves = plots["training-curves"][0]["content"]
+    assert len({v["run"] for v in curves["data"]["values"]}) == 4 and {v["epoch"] for v in curves["data"]["values"]} == {"0", "1"}
+    for name in ("rate-accuracy", "rate-psnr", "training-curves"):
+        assert "<svg" in vl_convert.vegalite_to_svg(json.dumps(plots[name][0]["content"])), name
 
 
 def test_stage_with_bad_params_names_the_key(tmp_path):

@@ -100,7 +100,7 @@ def test_matched_rate_figures_and_seeds_left_out():
     text = headline(s)
     assert "seeds left out: 1 (" in text
     bd = s["bd_accuracy_aware_vs_agnostic"]
-    assert f"| BD-accuracy aware vs agnostic (points) | {bd:.2f} |" in text  # points, as stored (not scaled again)
+    assert f"| BD-accuracy aware vs agnostic (points, linear) | {bd:.2f} |" in text  # points, as stored (not scaled again)
     assert "| JPEG's accuracy there (%) | 61.00 | ± 1.41 |" in text
 
 
@@ -140,7 +140,7 @@ def test_compare_never_averages_runs_of_different_datasets_or_grids(capsys, tmp_
             for k, v in {"mode": "aware", "seed": seed, "beta": 0.1, "quality": None, "dataset": dataset,
                          "task": "classification"}.items():
                 client.log_param(run.info.run_id, k, v)
-            client.log_metric(run.info.run_id, "accuracy", accuracy)
+            client.log_metric(run.info.run_id, "top1", accuracy)  # as evaluate names it for classification
             client.log_metric(run.info.run_id, "bpp", 0.2)
             client.set_terminated(run.info.run_id)
     assert compare.main(["--csv", str(tmp_path / "p.csv")]) == 0

@@ -6,6 +6,8 @@
 - JPEG: every image is written as a JPEG file by Pillow and decoded back; `bpp` counts the
   entropy-coded scan, `bpp_file` the whole file (headers included).
 - uncompressed: 8 bits per channel.
+- PSNR and MS-SSIM of every decoded image on its 8-bit values, averaged over images, as CompressAI
+  reports them (MS-SSIM only for images of at least 161 pixels a side).
 
 - compressed-domain modes (bmshj2018 hyperprior): every image coded to its own framed stream
   (bytes counted, framing included); latent modes classify the latents decoded from the streams
@@ -26,7 +28,7 @@ from tqdm import tqdm
 from tactic.data import batches, num_batches
 from tactic.data.prepared import Split
 from tactic.experiment.grid import Run
-from tactic.metrics import TaskScores, psnr
+from tactic.metrics import TaskScores, ms_ssim, psnr
 from tactic.experiment.modes import MODES
 from tactic.experiment.system import System
 
@@ -50,7 +52,10 @@ def evaluate_system(system: System, run: Run, test: Split, batch_size: int, devi
             if value is not None:
                 sums[key] += value
         if coded.decoded is not None:
-            sums["psnr"] += float(psnr(coded.decoded, x).clamp(max=100).sum())
+            sums["psnr"] += float(psnr(coded.decoded, x).clamp(max=100).sum())  # identical images: 100 dB, not inf
+            similarity = ms_ssim(coded.decoded, x)
+            if similarity is not None:
+                sums["msssim"] += float(similarity.sum())
         if system.task is not None:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
                 scores.add(system.task(coded.task_input).float(), y)
@@ -63,5 +68,6 @@ def evaluate_system(system: System, run: Run, test: Split, batch_size: int, devi
     if "bits_file" in sums:
         row["bpp_file"] = sums["bits_file"] / sums["pixels"]
     row["psnr"] = sums["psnr"] / n if "psnr" in sums else None
+    row["msssim"] = sums["msssim"] / n if "msssim" in sums else None
     row.update(scores.result())  # accuracy (top-1, or pixel accuracy), top5, or miou and iou per class
     return row

@@ -21,7 +21,7 @@ from tactic.experiment.evaluate import evaluate_system
 from tactic.experiment.grid import Run, task_runs
 from tactic.io import write_json
 from tactic.losses import TacticLoss
-from tactic.metrics import TEST_METRICS, at_chance
+from tactic.metrics import TEST_METRICS, at_chance, tracked_names
 from tactic.experiment.modes import MODES, Plan, digest
 from tactic.experiment.system import System, build_codec, load_system, resolve_device, save_system
 from tactic.experiment.train import fingerprint, fit, load_checkpoint, make_optimizers
@@ -52,12 +52,14 @@ def _train(p: Params, run: Run, plan: Plan, data: Path, models: Path) -> dict:
     with tracking.start_run(run.key, run.stage, params, run_id=run_id, tags=_grid_tags(p)) as mlrun:
         t0 = time.perf_counter()
         train, val = plan.splits() if plan.splits else (load_split(data, "train"), load_split(data, "val"))
+        task = p.model.task.task
         history = fit(system, loss_fn, plan.optimizers, train, val, cfg, run.seed, device, ckpt_path, config_id,
-                      log=tracking.log_metrics, transform=plan.transform, state=state,
+                      log=lambda m, step: tracking.log_metrics(tracked_names(m, task), step), transform=plan.transform, state=state,
                       extra={"mlflow_run_id": mlrun.info.run_id}, name=run.stage)
         tracking.log_metrics({"train_seconds": time.perf_counter() - t0})
         _warn_at_chance(history[-1], len(val), len(read_meta(data)["classes"]), run.stage)
         save_system(run.model_path(models), saved, run.key, {"history": history, "mlflow_run_id": mlrun.info.run_id})
+        tracking.set_tag("model_path", str(run.model_path(models)))  # its DVC hash: tagged by `evaluate`, once DVC has it
     ckpt_path.unlink(missing_ok=True)
     for f in plan.caches:
         f.unlink(missing_ok=True)
@@ -139,6 +141,7 @@ def evaluate_grid(p: Params, data: Path, models: Path, out: Path) -> list[dict]:
     with tracking.start_run("evaluate", "evaluate", {"stage": "evaluate", "num_runs": len(runs), **p.evaluate.model_dump()},
                             tags=_grid_tags(p)):
         client = tracking.setup().MlflowClient()
+        outs = _dvc_outs()
         rows, t0 = [], time.perf_counter()
         for i, run in enumerate(runs):
             row = evaluate_run(p, run, data, models, device)
@@ -146,14 +149,27 @@ def evaluate_grid(p: Params, data: Path, models: Path, out: Path) -> list[dict]:
             print(f"[{i + 1}/{len(runs)}] {run.key}: accuracy {row.get('accuracy', float('nan')):.4f} bpp {row['bpp']:.4f}",
                   file=sys.stderr)
             if row.get("mlflow_run_id"):
-                for k in TEST_METRICS[p.model.task.task]:
-                    if row.get(k) is not None:
-                        client.log_metric(row["mlflow_run_id"], k, row[k])
+                test = {k: row[k] for k in TEST_METRICS[p.model.task.task] if row.get(k) is not None}
+                for k, v in tracked_names(test, p.model.task.task).items():
+                    client.log_metric(row["mlflow_run_id"], k, v)
+                if run.stage in outs:
+                    client.set_tag(row["mlflow_run_id"], "dvc_md5", outs[run.stage])
         # Time inside the evaluation loop, as training logs train_seconds (benchmarks/stage_overhead.py).
         tracking.log_metrics({"eval_seconds": time.perf_counter() - t0})
         write_json(out, rows)
         tracking.log_artifact(out)
     return rows
+
+
+def _dvc_outs(lock: Path = Path("dvc.lock")) -> dict[str, str]:
+    """{stage: the hash DVC recorded for its output}, from dvc.lock (in the repository DVC runs the
+    stage in): the model a training run made, as `dvc` names it. Empty where DVC has not run."""
+    if not lock.is_file():
+        return {}
+    import yaml
+
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return {name: s["outs"][0]["md5"] for name, s in stages.items() if s.get("outs") and "md5" in s["outs"][0]}
 
 
 def evaluate_run(p: Params, run: Run, data: Path, models: Path, device) -> dict:
@@ -166,4 +182,5 @@ def evaluate_run(p: Params, run: Run, data: Path, models: Path, device) -> dict:
     row = evaluate_system(system, run, load_split(data, "test"), p.evaluate.batch_size, device, p.evaluate.limit,
                           meta.get("ignore_index", 255))
     row["mlflow_run_id"] = state.get("mlflow_run_id")
+    row["history"] = state.get("history", [])  # per-epoch training log, for the report's training curves
     return row

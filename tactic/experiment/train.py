@@ -76,7 +76,7 @@ def validate(system: System, loss_fn: TacticLoss, split: Split, batch_size: int,
         if "logits" in out:
             scores.add(out["logits"], y)
         if "x_hat" in out:
-            sums["psnr"] += float(psnr(out["x_hat"], x).sum())
+            sums["psnr"] += float(psnr(out["x_hat"], x).clamp(max=100).sum())
         n += len(x)
     metrics = {f"val_{k}": v / n for k, v in sums.items()}
     if system.task is not None:
