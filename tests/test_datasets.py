@@ -200,11 +200,14 @@ def test_stray_files_are_left_out_and_listed_never_a_layout_failure(dataset, tmp
     assert {s["reason"] for s in listed} == {"not an image"}
 
 
-def test_the_embedded_defaults_caps_run_on_a_full_size_rsscn7(tmp_path):
-    """RSSCN7 as distributed holds 2,800 images (400 per class); params.yaml's caps (4000/1000/2000,
-    the embedded default's) used to ask for 7,000 and fail. Now the fractions split it, the caps cap."""
+def test_split_sizes_default_to_all_of_a_real_dataset_and_cap_when_set(tmp_path, fmnist_root):
+    """RSSCN7 as distributed holds 2,800 images (400 per class): with params.yaml's defaults (null)
+    the fractions split all of it; a `*_size` caps its split and leaves the others; the embedded
+    Fashion-MNIST keeps its 4000 / 1000 / 2000 (sized for the 15-minute default run)."""
     import yaml
 
+    from tactic.data.layouts import fashion_mnist_index
+    from tactic.data.prepare import choose_splits
     from tests.helpers import REPO
 
     root = fixtures.rsscn7(tmp_path / "raw", per_class=400, size=(8, 8))
@@ -212,6 +215,14 @@ def test_the_embedded_defaults_caps_run_on_a_full_size_rsscn7(tmp_path):
     cfg = PrepareParams(**{**defaults, "dataset": "rsscn7", "root": str(root), "workers": 2})
     meta = prepare(cfg, tmp_path / "out")
     assert meta["counts"] == {"train": 2016, "val": 224, "test": 560}  # 70 / 8 / 20 % of 2,800
+    from tactic.data.layouts import index
+
+    ix = index(cfg)
+    sizes = {k: len(v) for k, v in choose_splits(ix, cfg.model_copy(update={"train_size": 1000})).items()}
+    assert sizes == {"train": 1000, "val": 224, "test": 560}
+    embedded = PrepareParams(**{**defaults, "root": fmnist_root})
+    assert {k: len(v) for k, v in choose_splits(fashion_mnist_index(embedded), embedded).items()} == {
+        "train": 4000, "val": 1000, "test": 2000}
 
 
 def test_datasets_check_reports_layout_counts_and_unreadable_images_and_writes_nothing(tmp_path, capsys):

@@ -63,12 +63,18 @@ class Index:
     channels: int = 3
     extra: dict = field(default_factory=dict)  # for meta.json
     stray: list = field(default_factory=list)  # files that are no image (Thumbs.db, .DS_Store): left out, listed
+    # Split caps where `prepare.<split>_size` is null: none for the real datasets (all of each split),
+    # EMBEDDED_CAPS for the embedded sets, so that the default run fits 15 minutes on 2 CPU cores.
+    default_caps: dict = field(default_factory=dict)
 
     def labels(self) -> np.ndarray:
         """Class per image for stratified splits (all 0 for segmentation: a plain seeded split)."""
         if self.task == "segmentation":
             return np.zeros(len(self.images), dtype=np.int64)
         return np.asarray(self.targets, dtype=np.int64)
+
+
+EMBEDDED_CAPS = {"train": 4000, "val": 1000, "test": 2000}
 
 
 def label_lut(dataset: str) -> Optional[np.ndarray]:
@@ -164,7 +170,8 @@ def fashion_mnist_index(cfg) -> Index:
     all_images, all_labels = np.concatenate([images, test_images])[keep], np.concatenate([labels, test_labels])[keep]
     n_train = int((keep < len(labels)).sum())
     return Index("fashion-mnist", classes, list(all_images), all_labels.tolist(),
-                 {"train": list(range(n_train)), "test": list(range(n_train, len(keep)))}, channels=1)
+                 {"train": list(range(n_train)), "test": list(range(n_train, len(keep)))}, channels=1,
+                 default_caps=EMBEDDED_CAPS)
 
 
 def canvases_index(cfg) -> Index:
@@ -172,7 +179,7 @@ def canvases_index(cfg) -> Index:
 
     Train and validation canvases come from disjoint parts of the official training items, test
     canvases from the test items, each with its own seed, so no item appears in two splits. A split
-    size is its number of canvases (null: a third of its items, ~3 items per canvas)."""
+    size is its number of canvases (null: EMBEDDED_CAPS, as for fashion-mnist)."""
     from tactic.data.canvases import canvas_classes, make_canvases
     from tactic.data.prepared import stratified_split
 
@@ -186,7 +193,7 @@ def canvases_index(cfg) -> Index:
                                                  ("val", images[val_items], labels[val_items], cfg.val_size),
                                                  ("test", test_images, test_labels, cfg.test_size))):
         keep = labs < len(classes)
-        canvases, masks = make_canvases(imgs[keep], labs[keep], cap or int(keep.sum()) // 3, size=cfg.canvas_size,
+        canvases, masks = make_canvases(imgs[keep], labs[keep], cap or EMBEDDED_CAPS[name], size=cfg.canvas_size,
                                         items=tuple(cfg.canvas_items), seed=1000 * cfg.split_seed + k)
         official[name] = list(range(len(out[0]), len(out[0]) + len(canvases)))
         out[0].extend(canvases)

@@ -32,10 +32,10 @@ from tactic.io import write_json
 def choose_splits(ix: Index, cfg: PrepareParams) -> dict[str, np.ndarray]:
     """Positions in `ix.images` per split: the official split where there is one (a validation split
     carved from its training part if it has none), else a seeded stratified split by fractions; then
-    each split capped at `<split>_size` by a stratified draw. A cap is a cap: a split smaller than it
-    is kept whole (the embedded default's 4000/1000/2000 run unchanged on a 2,800-image RSSCN7)."""
+    each split capped at `<split>_size` by a stratified draw (null: the dataset's default cap, none for
+    the real datasets). A cap is a cap: a split smaller than it is kept whole."""
     labels, seed = ix.labels(), cfg.split_seed
-    caps = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}
+    caps = {name: getattr(cfg, f"{name}_size") or ix.default_caps.get(name) for name in SPLITS}
 
     def capped(name: str, n: int) -> int:
         return min(caps[name], n) if caps[name] else n
