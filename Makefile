@@ -19,7 +19,7 @@ run: setup data dvc-init
 	@$(PY) -m stages.server start --wait 0
 	dvc repro
 	@echo; cat results/table.md; echo; cat results/summary.md; echo "plot: $(CURDIR)/results/rate_accuracy.png"
-	@echo "browse runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
+	@echo "browse the runs: start the MLflow UI and open its runs view:"; $(PY) -m tactic.mlflow_view
 
 # Two pytest workers: the end-to-end tests spend much of their time waiting on subprocesses and
 # servers, so the unit tests fit in beside them (conftest.py starts the long ones first).

@@ -41,7 +41,18 @@ def setup():
     # MLflow's database migrations log at INFO on first use; they are not the user's concern.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(EXPERIMENT)
+    experiment = mlflow.set_experiment(EXPERIMENT)
+    # The UI's saved view of the runs (tactic.mlflow_view: columns, a bpp-vs-accuracy chart) for the task of
+    # params.yaml, written once per database, when missing, so a view replaced in the UI is kept. A failed
+    # write fails no stage: the view is a convenience, and the next setup() writes it.
+    from tactic import mlflow_view
+
+    task = mlflow_view.current_task()
+    if mlflow_view.view_tag_key(task) not in experiment.tags:
+        try:
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *mlflow_view.view_tag(task))
+        except Exception as err:  # noqa: BLE001
+            logging.getLogger(__name__).warning("MLflow saved view not written: %s", err)
     return mlflow
 
 

@@ -81,6 +81,28 @@ def test_signals_reach_the_served_child_and_a_killed_command_takes_it_along(serv
         assert not _alive(child), f"served child {child} outlived its command ({how.name})"
 
 
+CUDA_CHILD = """from stages.server import handoff
+
+handoff(__name__)
+
+import torch
+print(torch.cuda.is_initialized(), float(torch.ones(4, device="cuda").sum()), flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (the server must not hold a context)")
+def test_a_served_child_can_use_cuda(server):
+    """The server imports torch but never touches CUDA before forking (a CUDA context does not
+    survive fork): its child starts with CUDA uninitialised and can then use the device."""
+    env, home = server
+    (home / "cuda_child.py").write_text(CUDA_CHILD)
+    before = _served(env)
+    out = subprocess.run([sys.executable, "-m", "cuda_child"], cwd=home, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["False", "4.0"], out.stdout + out.stderr
+    assert _served(env) == before + 1
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

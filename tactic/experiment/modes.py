@@ -66,7 +66,9 @@ class Mode:
     name: str
     point: Optional[str] = None  # "beta" or "quality": the operating point a run of this mode takes
     pretrain: Optional[str] = None  # the pre-training mode whose codec a run starts from
-    style: Optional[tuple[str, str]] = None  # plot colour and marker (None: drawn as a reference line)
+    # Plot colour (matplotlib's tableau palette, as hex: MLflow's run colour too) and marker;
+    # None: drawn as a reference line.
+    style: Optional[tuple[str, str]] = None
     references: tuple[str, ...] = ()  # modes this one is compared with: BD-accuracy, BD-rate
 
     latent = False  # the task network reads the codec's latents (y_hat, sigma_hat), not pixels
@@ -130,7 +132,7 @@ class Uncompressed(_TacticMode):
 
 class Jpeg(_TacticMode):
     """Pillow JPEG at `quality`; bpp counts the entropy-coded scan, `bpp_file` the whole file."""
-    name, point, style, references = "jpeg", "quality", ("tab:gray", "s"), ()
+    name, point, style, references = "jpeg", "quality", ("#7f7f7f", "s"), ()
 
     def points(self, p):
         return p.jpeg.qualities
@@ -166,12 +168,12 @@ class _TacticCodecMode(_TacticMode):
 
 class Agnostic(_TacticCodecMode):
     """Task-agnostic: the rate-distortion codec frozen, the task network trained on what it decodes."""
-    name, style = "agnostic", ("tab:blue", "o")
+    name, style = "agnostic", ("#1f77b4", "o")
 
 
 class Aware(_TacticCodecMode):
     """Task-aware (TACTIC): codec and task network trained together, L = lmbda_d L_D + alpha L_T + beta L_R."""
-    name, style, references = "aware", ("tab:red", "^"), ("agnostic", "jpeg")
+    name, style, references = "aware", ("#d62728", "^"), ("agnostic", "jpeg")
 
     def _codec_loss(self, p, run, codec, task_loss):
         codec.quantizer = p.model.codec.quantizer
@@ -257,12 +259,12 @@ class _FrozenLatentMode(_LatentMode):
 
 class LatentFrozen(_FrozenLatentMode):
     """cResNet-39 on the frozen codec's latents (y_hat, sigma_hat), decoded from real bitstreams."""
-    name, style, references = "latent-frozen", ("tab:green", "D"), ("pixel-decoded",)
+    name, style, references = "latent-frozen", ("#2ca02c", "D"), ("pixel-decoded",)
 
 
 class LatentJoint(_LatentMode):
     """Codec and cResNet-39 trained together: L = alpha * CE + lmbda * MSE + beta * bpp."""
-    name, style, references = "latent-joint", ("tab:purple", "v"), ("latent-frozen",)
+    name, style, references = "latent-joint", ("#9467bd", "v"), ("latent-frozen",)
 
     def plan(self, p, run, meta, data, models, device):
         codec, task, run_params = self._setup(p, run, meta, models, device)
@@ -276,7 +278,7 @@ class LatentJoint(_LatentMode):
 
 class PixelDecoded(_FrozenLatentMode):
     """ResNet-50 on the frozen codec's decoded pixels, as 8-bit images (what a decoded file holds)."""
-    name, style = "pixel-decoded", ("tab:orange", "P")
+    name, style = "pixel-decoded", ("#ff7f0e", "P")
     latent = False
 
     def task_network(self, p, meta, codec=None):

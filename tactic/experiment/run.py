@@ -49,7 +49,9 @@ def _train(p: Params, run: Run, plan: Plan, data: Path, models: Path) -> dict:
               "quantizer": getattr(system.codec, "quantizer", None),
               "task": p.model.task.task, "task_net": p.model.task.arch, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
               "lmbda_d": loss_fn.lmbda_d, "alpha": loss_fn.alpha, "beta_loss": loss_fn.beta, **plan.run_params}
-    with tracking.start_run(run.key, run.stage, params, run_id=run_id, tags=_grid_tags(p)) as mlrun:
+    style = MODES[run.mode].style if run.mode in MODES else None  # the runs of a mode share the report's colour
+    tags = {**_grid_tags(p), "mlflow.runColor": style[0] if style else "#000000"}
+    with tracking.start_run(run.key, run.stage, params, run_id=run_id, tags=tags) as mlrun:
         t0 = time.perf_counter()
         train, val = plan.splits() if plan.splits else (load_split(data, "train"), load_split(data, "val"))
         task = p.model.task.task
