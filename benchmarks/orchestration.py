@@ -1,17 +1,26 @@
-"""Orchestration overhead: the same profile through `dvc repro` and through the Prefect flow on Dask.
+"""Orchestration overhead: the same profile through `dvc repro`, the Prefect flow on Dask, and kfp.local.
 
-    python benchmarks/orchestration.py [--profile smoke] [--workers 2]
+    python benchmarks/orchestration.py [--profile smoke] [--workers 2] [--skip cluster,kfp]
 
-Runs in two fresh copies of the repo (so neither finds the other's outputs), first `dvc repro`
-(serial, DVC alone), then the `tactic` flow (a temporary Prefect server, a local Dask cluster),
-and prints both wall times and their ratio, and how many training stages the flow ran at once (the
-most MLflow stage runs open at the same moment). On the smoke profile the ratio shows what Prefect and
-Dask add; on the default profile, whether the fan-out over the cores beats DVC's serial run.
+Runs each in a fresh copy of the repo (so none finds another's outputs): first `dvc repro` (serial,
+DVC alone), then
+- `flow`: the `tactic` flow on its own local Dask cluster (`--workers` single-threaded worker
+  processes that the flow starts; a temporary Prefect server);
+- `cluster`: the same flow on a Dask cluster started beforehand as separate processes on loopback
+  (`dask scheduler`, `--workers` x `dask worker --nthreads 1`), given by `--dask-address`, as on a
+  real cluster; the time to start the cluster is printed apart, not counted;
+- `kfp`: `tactic kubeflow run-local`, DVC's graph through kfp.local (one task at a time),
+and prints each wall time as a ratio to `dvc repro`'s in the same run, and for the flows how many
+training stages ran at once (the most MLflow stage runs open at the same moment). On the smoke profile
+the ratios show what Prefect, Dask and KFP add; on the default profile, whether the fan-out over the
+cores beats DVC's serial run.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,24 +65,79 @@ def most_at_once(db: str) -> int:
     return most
 
 
+def start_cluster(tmp: Path, cwd: Path, env: dict, workers: int) -> tuple[str, list[subprocess.Popen]]:
+    """A scheduler and `workers` single-threaded workers, processes of their own on 127.0.0.1; its address."""
+    from distributed import Client
+
+    file = tmp / "scheduler.json"
+    procs = [subprocess.Popen([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                               "--scheduler-file", str(file)], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                              stderr=open(tmp / "scheduler.log", "w"), start_new_session=True)]
+    procs += [subprocess.Popen([BIN / "dask", "worker", "--scheduler-file", str(file), "--host", "127.0.0.1", "--nthreads", "1",
+                                "--no-dashboard"], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                               stderr=open(tmp / f"worker{i}.log", "w"), start_new_session=True) for i in range(workers)]
+    deadline = time.time() + 60
+    while not file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    with Client(scheduler_file=str(file), timeout=60) as client:
+        client.wait_for_workers(workers, timeout=60)
+    return json.loads(file.read_text())["address"], procs
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="smoke")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--skip", default="", help="comma-separated: flow, cluster, kfp (dvc repro always runs)")
     args = ap.parse_args()
+    skip = {s for s in args.skip.split(",") if s}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp / "prefect"),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TACTIC_DASK_WORKERS": str(args.workers)}
         base.pop("PREFECT_API_URL", None)  # a temporary local server, started by the flow itself
-        dvc_repo = copy_repo(tmp / "dvc", args.profile)
-        t_dvc = timed([BIN / "dvc", "repro"], dvc_repo, {**base, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/a.db"})
-        flow_repo = copy_repo(tmp / "flow", args.profile)
-        env = {**base, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/b.db", "PYTHONPATH": str(flow_repo)}
-        t_flow = timed([sys.executable, "-m", "pipeline.flow", "--workers", str(args.workers)], flow_repo, env)
-        print(f"profile {args.profile}: dvc repro {t_dvc:.1f} s, Prefect flow on Dask ({args.workers} workers) {t_flow:.1f} s, "
-              f"ratio flow/dvc {t_flow / t_dvc:.2f}; training stages at once in the flow: at most "
-              f"{most_at_once(env['MLFLOW_TRACKING_URI'])}")
+
+        def checkout(name):
+            repo = copy_repo(tmp / name, args.profile)
+            return repo, {**base, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/{name}.db", "PYTHONPATH": str(repo)}
+
+        repo, env = checkout("dvc")
+        t_dvc = timed([BIN / "dvc", "repro"], repo, env)
+        print(f"profile {args.profile}: dvc repro {t_dvc:.1f} s", flush=True)
+
+        def report(what, seconds, env, extra=""):
+            at_once = f"; training stages at once: at most {most_at_once(env['MLFLOW_TRACKING_URI'])}" if "flow" in what else ""
+            print(f"  {what}: {seconds:.1f} s, ratio to dvc repro {seconds / t_dvc:.2f}{at_once}{extra}", flush=True)
+
+        if "flow" not in skip:
+            repo, env = checkout("flow")
+            report(f"Prefect flow, its own local Dask cluster ({args.workers} workers)",
+                   timed([sys.executable, "-m", "pipeline.flow", "--workers", str(args.workers)], repo, env), env)
+        if "cluster" not in skip:
+            repo, env = checkout("cluster")
+            t0 = time.perf_counter()
+            address, procs = start_cluster(tmp, repo, env, args.workers)
+            started = time.perf_counter() - t0
+            try:
+                seconds = timed([sys.executable, "-m", "pipeline.flow", "--dask-address", address], repo, env)
+            finally:
+                stop(procs)
+            report(f"Prefect flow on a Dask cluster of separate processes ({args.workers} workers, --dask-address)", seconds, env,
+                   f" (the cluster took {started:.1f} s to start, not counted)")
+        if "kfp" not in skip:
+            repo, env = checkout("kfp")
+            report("kfp.local (tactic kubeflow run-local, one task at a time)", timed([BIN / "tactic", "kubeflow", "run-local"], repo, env), env)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,13 @@ One MLflow parent run per flow run holds the stage runs, nested.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from typing import Optional
 
 from prefect import flow, get_run_logger, task
+from prefect.futures import wait
 from prefect.runtime import flow_run as current_flow_run
 from prefect_dask import DaskTaskRunner
 
@@ -45,8 +47,18 @@ def make_task_runner(address: Optional[str] = None, workers: Optional[int] = Non
 def dvc_stage(name: str, root: str, env: dict) -> str:
     logger = get_run_logger()
     status, output = run_dvc_stage(name, root, env)
-    logger.info("%s %s\n%s", name, status, "\n".join(output.strip().splitlines()[-5:]) if status == "ran" else "")
+    logger.info("%s %s on %s\n%s", name, status, _where(), "\n".join(output.strip().splitlines()[-5:]) if status == "ran" else "")
     return status
+
+
+def _where() -> str:
+    """The Dask worker running this task (its address), else this process."""
+    try:
+        from distributed import get_worker
+
+        return f"Dask worker {get_worker().address} (pid {os.getpid()})"
+    except (ImportError, ValueError):
+        return f"pid {os.getpid()}"
 
 
 @flow(name="tactic", task_runner=make_task_runner(), log_prints=True)
@@ -67,6 +79,10 @@ def tactic(profile: Optional[str] = None, dataset: Optional[str] = None, seeds: 
         for name, needs in graph.items():
             futures[name] = dvc_stage.submit(name, str(root), env, wait_for=[futures[n] for n in needs])
         _show_progress(futures)
+        # After a failure too, every task ends before the flow does (the stages that do not need the
+        # failed one run to the end, those that do end NotReady): leaving the flow closes its Dask
+        # cluster, and the stages still running on its workers would be stopped with them (run_guarded).
+        wait(list(futures.values()))
         statuses = {name: f.result() for name, f in futures.items()}
         tracking.log_metrics({"stages_ran": sum(s == "ran" for s in statuses.values()), "stages_skipped": sum(s == "skipped" for s in statuses.values())})
         _publish_results(root, parent)
@@ -115,7 +131,31 @@ def main(argv=None):
     from stages import server
 
     server.start(idle=600, wait=0)  # stages fork from it instead of paying their imports (stages/server.py)
-    tactic.with_options(task_runner=make_task_runner(args.dask_address, args.workers))(profile=args.profile)
+    runner = make_task_runner(args.dask_address, args.workers)
+    with shared_api():
+        tactic.with_options(task_runner=runner)(profile=args.profile)
+
+
+@contextlib.contextmanager
+def shared_api():
+    """One Prefect API for the flow and all its tasks. Without one configured (`PREFECT_API_URL`),
+    Prefect starts a temporary server in the flow's process, and every Dask worker process, its own
+    local cluster's included, would start a temporary server of its own (~10 s each, on the cores the
+    stages need) and record its task runs there, out of the flow run's sight. So the temporary server
+    is started here and named in the settings that travel with every task. It listens on 127.0.0.1:
+    workers on other machines need a real server (`PREFECT_API_URL`)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    api = SubprocessASGIServer()  # the instance Prefect's own client would start; stopped at exit
+    # It takes 12-15 s on 2 busy cores: Prefect's default wait, 20 s, is too close.
+    api.start(timeout=max(120, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+    with temporary_settings(updates={PREFECT_API_URL: api.api_url}):
+        yield
 
 
 if __name__ == "__main__":

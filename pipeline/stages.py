@@ -1,7 +1,9 @@
 """Running one DVC stage from a flow: the stage graph, and `dvc repro -s` with lock retries.
 
 DVC stays the single source of truth for what is up to date: every task runs one stage (one matrix
-entry) with `dvc repro -s`, which skips it when its deps and params are unchanged.
+entry) with `dvc repro -s`, which skips it when its deps and params are unchanged. The stage process
+never outlives the process that runs it (`run_guarded`): when a Dask worker dies mid-stage, its
+stage stops too, instead of writing on beside the copy that Dask reschedules on another worker.
 """
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tactic.config import Params
-from tactic.experiment.grid import pretrain_runs, task_runs
+if TYPE_CHECKING:  # running a stage needs the standard library only: a KFP task imports this module per stage
+    from tactic.config import Params
 
 # DVC's two lock errors: the repository lock (one `dvc` command at a time changes .dvc/), and the
 # rwlock of a stage's paths (another stage is writing what this one reads, or the reverse).
@@ -26,6 +29,8 @@ class StageFailed(RuntimeError):
 
 def stage_graph(p: Params) -> dict[str, list[str]]:
     """Every stage of dvc.yaml for these params, with the stages it needs, in a runnable order."""
+    from tactic.experiment.grid import pretrain_runs, task_runs  # torch, through the modes
+
     graph = {"prepare": [], "weights": []}  # `weights`: hashes of the files params name (stages/weights.py)
     for r in pretrain_runs(p):
         graph[r.stage] = ["prepare"] + (["weights"] if r.mode == "pretrain-hyperprior" else [])
@@ -49,6 +54,77 @@ def tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+# The guard between a worker and its stage: `python -c GUARD FD COMMAND...` starts COMMAND in a process
+# group of its own and watches FD, the read end of a pipe whose only write end the starting process
+# holds. End-of-file there means that process is gone (the kernel closes a dead process's descriptors,
+# however it died): the guard then stops the whole group, SIGTERM first (a stage ends its MLflow run
+# KILLED and removes its temporaries; a stage served by stages/server.py has it forwarded to its fork,
+# and a fork whose command is gone kills itself), SIGKILL after GUARD_GRACE_S for what is left. SIGINT,
+# SIGTERM and SIGHUP sent to the guard reach the group. Otherwise it ends as COMMAND did. Standard
+# library only and given as source: it starts in milliseconds and needs no import path.
+GUARD_GRACE_S = 10.0
+GUARD = r"""# tactic stage guard (pipeline/stages.py)
+import os, select, signal, subprocess, sys, time
+
+def group(pgid, signum):  # False once no process is left in the group (signal 0 only asks)
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+fd, grace, command = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+child = subprocess.Popen(command, start_new_session=True)
+for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(signum, lambda s, _f: group(child.pid, s))
+try:
+    ended = [os.pidfd_open(child.pid)]  # readable once COMMAND ends: no polling delay at its end
+except (AttributeError, OSError):
+    ended = []
+while child.poll() is None:
+    try:
+        ready = select.select([fd, *ended], [], [], 0.5)[0]
+    except InterruptedError:
+        continue
+    if fd in ready and not os.read(fd, 1):
+        group(child.pid, signal.SIGTERM)  # (nothing to print: whoever read the output is gone)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:  # the group, not only COMMAND: the stage under `dvc` takes a moment
+            child.poll()  # reaps COMMAND once it ends, so that it leaves the group
+            if not group(child.pid, 0):
+                break
+            time.sleep(0.1)
+        else:
+            group(child.pid, signal.SIGKILL)
+        child.wait()
+        sys.exit(1)
+if child.returncode < 0:  # end as COMMAND did, by its signal
+    signal.signal(-child.returncode, signal.SIG_DFL)
+    os.kill(os.getpid(), -child.returncode)
+sys.exit(child.returncode)
+"""
+
+
+def run_guarded(command: list[str], cwd: str | Path, env: dict) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True)`, except that the command, its whole
+    process group, is stopped (SIGTERM, then SIGKILL) if this process dies before it ends (`GUARD`).
+    A process forked from this one without exec would hold the pipe open; Dask workers, Prefect and
+    kfp.local start their children with exec."""
+    read, write = os.pipe()  # not inheritable: no other child of this process holds `write`
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", GUARD, str(read), str(GUARD_GRACE_S), *map(str, command)], cwd=cwd, env=env,
+                                pass_fds=(read,), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(read)
+    try:
+        out, err = proc.communicate()
+    finally:
+        os.close(write)  # interrupted here (an exception, a cancelled task): the guard stops the command
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
 def run_dvc_stage(name: str, root: str | Path, env: dict, attempts: int = 30, command: list[str] | None = None) -> tuple[str, str]:
     """`dvc repro -s <name>`; returns ("ran" | "skipped", output of every attempt). Lock conflicts with
     concurrent DVC processes are retried after a jittered, growing wait (so tasks that collided do not
@@ -56,7 +132,7 @@ def run_dvc_stage(name: str, root: str | Path, env: dict, attempts: int = 30, co
     command = command or [str(Path(sys.executable).parent / "dvc"), "repro", "-s", name]
     outputs = []
     for attempt in range(attempts):
-        proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+        proc = run_guarded(command, root, env)
         output = proc.stdout + proc.stderr
         outputs.append(output)
         if proc.returncode == 0:

@@ -6,6 +6,7 @@
     tactic datasets check DATASET ROOT  a dataset's layout, counts and every image, before a long run (tactic.data.check)
     tactic codec compress|decompress --model M IN OUT   a trained codec on an image file (tactic.codecs.tool)
     tactic kubeflow compile [--profile NAME] -o tactic.yaml   the stages as a Kubeflow pipeline (pipeline.kubeflow)
+    tactic kubeflow run-local [--profile NAME]                 the same graph run here through kfp.local
 
 Exit status: 0 on success, 1 when the command ran and found a problem (or failed), 2 for usage errors.
 """

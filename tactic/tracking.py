@@ -105,12 +105,12 @@ def start_run(name: str, stage: str | None, params: dict, run_id: str | None = N
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines, every stage
     system_metrics = os.environ.get("TACTIC_SYSTEM_METRICS", "1") != "0"
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else name, tags=tags, log_system_metrics=system_metrics) as run:
-        if run_id is None:  # a resumed run has its params, and the tags above make it this process's
-            mlflow.log_params(params)
-        elif "failure_reason" in run.data.tags:  # it resumes what was killed: say so, it is no failure now
-            mlflow.set_tag("tactic.resumed_after", run.data.tags["failure_reason"])
-            client.delete_tag(run.info.run_id, "failure_reason")
-        try:
+        try:  # from here on an interruption (even one during log_params) ends the run KILLED, with its reason
+            if run_id is None:  # a resumed run has its params, and the tags above make it this process's
+                mlflow.log_params(params)
+            elif "failure_reason" in run.data.tags:  # it resumes what was killed: say so, it is no failure now
+                mlflow.set_tag("tactic.resumed_after", run.data.tags["failure_reason"])
+                client.delete_tag(run.info.run_id, "failure_reason")
             yield run
         except BaseException as err:  # say why where users look; interrupted runs end KILLED, not FAILED
             mlflow.set_tag("failure_reason", f"{type(err).__name__}: {err}"[:5000])

@@ -11,8 +11,10 @@ from tactic.data import fashion_mnist
 from tests.helpers import FMNIST_ROOT, TINY
 
 # The tests that run the pipeline through subprocesses, longest first.
-LONGEST = ("test_a_failing_stage_fails_the_flow_run_with_its_own_message", "test_results_are_the_same_with_and_without_the_server",
-           "test_dvc_repro_runs_the_grid_then_does_nothing")
+LONGEST = ("test_a_failing_stage_fails_the_flow_run_with_its_own_message",
+           "test_kfp_local_runs_every_stage_after_its_needs_and_gives_dvc_repros_table",  # the scaling group: ~110 s
+           "test_results_are_the_same_with_and_without_the_server", "test_dvc_repro_runs_the_grid_then_does_nothing")
+QUICK = len(LONGEST) + 1  # the rank of a test that is not slow
 
 
 def pytest_collection_modifyitems(items):
@@ -24,14 +26,14 @@ def pytest_collection_modifyitems(items):
     def rank(item):
         if item.name in LONGEST:
             return LONGEST.index(item.name)
-        return 3 if item.get_closest_marker("slow") else 4
+        return len(LONGEST) if item.get_closest_marker("slow") else QUICK
 
     units = {}  # group (or the test itself) -> its tests in collection order
     for item in items:
         group = item.get_closest_marker("xdist_group")
         units.setdefault(group.args[0] if group else item.nodeid, []).append(item)
     ordered = sorted(units.values(), key=lambda unit: min(map(rank, unit)))
-    quick = next((i for i, unit in enumerate(ordered) if min(map(rank, unit)) == 4), None)
+    quick = next((i for i, unit in enumerate(ordered) if min(map(rank, unit)) == QUICK), None)
     if quick is not None and quick > 2:
         ordered.insert(2, ordered.pop(quick))
     items[:] = [item for unit in ordered for item in unit]

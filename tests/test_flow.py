@@ -198,7 +198,7 @@ def test_the_next_run_continues_from_what_finished(flow_runs):
     assert not any(s.startswith(("pretrain", "prepare")) for s in stages)  # done by the failed run, not redone
     assert {"evaluate", "report", "train_aware@0.004-0", "train_agnostic@0.004-0", "train_jpeg@5-0"} <= stages
     trained = children[children["tags.dvc_stage"].str.startswith("train_")]
-    assert trained["metrics.accuracy"].notna().all() and (trained["metrics.bpp"] > 0).all()
+    assert trained["metrics.top1"].notna().all() and (trained["metrics.bpp"] > 0).all()
 
 
 @pytest.mark.slow
