@@ -150,3 +150,16 @@ def test_compare_never_averages_runs_of_different_datasets_or_grids(capsys, tmp_
     assert (tmp_path / "p.csv").read_text().count("mode,beta") == 1
     monkeypatch.undo()
     tracking.setup()  # back to the session's database for the tests that follow on this worker
+
+
+def test_dvc_plot_templates_colour_modes_as_the_report_does():
+    """.dvc/plots/*.json fix each mode's colour (DVC would colour by revision): the same as the
+    report's figure and MLflow's run colours (tactic.experiment.modes), every mode in grid order."""
+    from tactic.experiment.grid import MODES as ORDER
+    from tactic.experiment.modes import MODES
+
+    for name in ("rate.json", "curves.json"):
+        spec = json.loads((Path(__file__).parent.parent / ".dvc" / "plots" / name).read_text())
+        scale = spec["encoding"]["color"]["scale"]
+        assert scale["domain"] == list(ORDER), name
+        assert scale["range"] == [MODES[m].style[0] if MODES[m].style else "#000000" for m in ORDER], name
