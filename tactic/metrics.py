@@ -141,7 +141,7 @@ def bd_rate(rate_a, acc_a, rate_b, acc_b, samples: int = 1000, method: str = "li
         from scipy.interpolate import PchipInterpolator
 
         if (np.diff(aa) <= 0).any() or (np.diff(ab) <= 0).any():
-            raise ValueError("pchip BD-rate needs accuracy rising with rate on both curves; one is not monotone")
+            raise ValueError("pchip BD-rate needs the score rising with rate on both curves; one is not monotone")
         fa, fb = PchipInterpolator(aa, ra), PchipInterpolator(ab, rb)
         return float(100 * (10 ** ((fb.integrate(lo, hi) - fa.integrate(lo, hi)) / (hi - lo)) - 1))
     grid = np.linspace(lo, hi, samples)
