@@ -102,6 +102,11 @@ def main():
     ap.add_argument("--skip", default="", help="comma-separated: flow, cluster, kfp (dvc repro always runs)")
     args = ap.parse_args()
     skip = {s for s in args.skip.split(",") if s}
+    # Every engine runs its stages as `make run` does, forked from the stage server (the flow would
+    # start one anyway): without it `dvc repro` alone pays ~8 s of imports a stage and loses unfairly.
+    from stages import server
+
+    server.start(idle=3600, wait=120)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp / "prefect"),
