@@ -89,6 +89,9 @@ class OptimParams(_Block):
     epochs: PositiveInt = 2
     batch_size: PositiveInt = 32
     lr: PositiveFloat = 3e-3
+    # "cosine": every learning rate falls from its value to 0 over the run (half a cosine, per step), so
+    # the last steps settle; "constant" keeps it. The entropy model's quantile optimiser stays constant.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     limit_batches: Optional[PositiveInt] = None  # cap per epoch, for smoke runs
 
 

@@ -47,7 +47,7 @@ def _train(p: Params, run: Run, plan: Plan, data: Path, models: Path) -> dict:
     params = {"mode": run.mode, "seed": run.seed, "beta": run.beta, "quality": run.quality, "dataset": p.prepare.dataset,
               "codec": "jpeg" if run.mode == "jpeg" else getattr(saved.codec, "arch", "none"),
               "quantizer": getattr(system.codec, "quantizer", None),
-              "task": p.model.task.task, "task_net": p.model.task.arch, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+              "task": p.model.task.task, "task_net": p.model.task.arch, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
               "lmbda_d": loss_fn.lmbda_d, "alpha": loss_fn.alpha, "beta_loss": loss_fn.beta, **plan.run_params}
     style = MODES[run.mode].style if run.mode in MODES else None  # the runs of a mode share the report's colour
     tags = {**_grid_tags(p), "mlflow.runColor": style[0] if style else "#000000"}

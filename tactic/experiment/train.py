@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -47,6 +48,11 @@ def _check_finite(parts: dict, grad_norm: torch.Tensor, name: str, epoch: int, s
                               "(try a lower learning rate: train.lr, pretrain.lr, train.codec_lr)")
 
 
+def lr_factor(schedule: str, done: int, total: int) -> float:
+    """The share of its initial learning rate a group gets after `done` of `total` steps."""
+    return 0.5 * (1 + math.cos(math.pi * done / total)) if schedule == "cosine" else 1.0
+
+
 def make_optimizers(system: System, lr: float, codec_lr: Optional[float] = None, aux_lr: float = 1e-3):
     """Adam on the networks (the codec at its own rate) and, when the codec learns, a second Adam on
     the entropy model's quantiles driven by `aux_loss()` (CompressAI's recipe)."""
@@ -57,7 +63,10 @@ def make_optimizers(system: System, lr: float, codec_lr: Optional[float] = None,
         named = dict(system.codec.named_parameters())
         groups.append({"params": [v for k, v in named.items() if not k.endswith(".quantiles")], "lr": codec_lr or lr})
         aux = torch.optim.Adam([v for k, v in named.items() if k.endswith(".quantiles")], lr=aux_lr)
-    return torch.optim.Adam(groups), aux
+    opt = torch.optim.Adam(groups)
+    for g in opt.param_groups:  # what a schedule scales (kept in the optimiser's state, so resuming keeps it)
+        g["initial_lr"] = g["lr"]
+    return opt, aux
 
 
 @torch.no_grad()
@@ -125,6 +134,9 @@ def fit(
         params = [q for g in opt.param_groups for q in g["params"]]
         for step, (x, y) in enumerate(tqdm(it, total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
                                            disable=None, leave=False)):
+            # Set from (epoch, step) alone, so a resumed run continues the schedule where it stopped.
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * lr_factor(cfg.lr_schedule, epoch * total + step, cfg.epochs * total)
             parts = loss_fn(system(x), x, y)
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
