@@ -100,8 +100,8 @@ class PretrainParams(OptimParams):
 
 
 class TrainParams(OptimParams):
-    lmbda_d: float = Field(1.0, ge=0)  # distortion (MSE) weight of the aware mode
-    alpha: float = Field(0.3, ge=0)  # task-loss weight of the aware mode
+    lmbda_d: float = Field(0.1, ge=0)  # distortion (MSE) weight of the aware mode (params.yaml says why 0.1)
+    alpha: float = Field(0.1, ge=0)  # task-loss weight of the aware mode
     gamma: float = Field(1.0, ge=0)  # segmentation: L_T = weighted cross-entropy + gamma * Dice
     class_weights: Optional[list[PositiveFloat]] = None  # segmentation: cross-entropy weight per class
     codec_lr: PositiveFloat = 1e-3  # aware mode: the codec is fine-tuned from its rate-distortion start

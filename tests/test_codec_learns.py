@@ -15,15 +15,16 @@ from tactic.metrics import psnr
 from tactic.codecs.codec import TacticCodec
 from tactic.experiment.system import load_codec
 
-from conftest import TINY
+from tests.helpers import TINY, repo_params
 
 LOW, HIGH = 0.03, 0.3  # rate weights: a mid and a low rate operating point of the default profile
+DEFAULT = repo_params({})  # the shipped training recipe (schedules, aware's loss weights), on less data
 LEARN = merged(TINY, {
     "betas": [LOW, HIGH],
     "prepare": {"train_size": 1000, "val_size": 200, "test_size": 400},
     "model": {"codec": {"N": 16, "M": 8}, "task": {"width": 16}},
-    "pretrain": {"epochs": 4, "batch_size": 16},
-    "train": {"epochs": 3, "batch_size": 16},
+    "pretrain": {"epochs": 4, "batch_size": 16, "lr_schedule": DEFAULT["pretrain"]["lr_schedule"]},
+    "train": {"epochs": 3, "batch_size": 16, **{k: DEFAULT["train"][k] for k in ("lr_schedule", "lmbda_d", "alpha")}},
 })
 
 pytestmark = pytest.mark.slow
