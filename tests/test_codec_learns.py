@@ -11,16 +11,17 @@ from tactic.data import batches
 from tactic.data.prepared import load_split
 from tactic.experiment.run import evaluate_run, pretrain_codec, train_task
 from tactic.experiment.grid import Run
-from tactic.metrics import psnr
+from tactic.metrics import accuracy_at_rate, psnr
 from tactic.codecs.codec import TacticCodec
 from tactic.experiment.system import load_codec
 
 from tests.helpers import TINY, repo_params
 
 LOW, HIGH = 0.03, 0.3  # rate weights: a mid and a low rate operating point of the default profile
+COLLAPSE = 1.0  # where agnostic falls apart on this fixture (~52 % at 0.106 bpp, 64 % at 0.156 with HIGH)
 DEFAULT = repo_params({})  # the shipped training recipe (schedules, aware's loss weights), on less data
 LEARN = merged(TINY, {
-    "betas": [LOW, HIGH],
+    "betas": [LOW, HIGH, COLLAPSE],
     "prepare": {"train_size": 1000, "val_size": 200, "test_size": 400},
     "model": {"codec": {"N": 16, "M": 8}, "task": {"width": 16}},
     "pretrain": {"epochs": 4, "batch_size": 16, "lr_schedule": DEFAULT["pretrain"]["lr_schedule"]},
@@ -69,17 +70,25 @@ def test_larger_beta_lowers_the_real_rate_and_psnr_beats_the_mean_image(learn):
     assert low[1] > mean_psnr + 4 and high[1] > mean_psnr + 1 and low[1] > high[1], (mean_psnr, low, high)
 
 
-def test_aware_beats_agnostic_at_a_high_beta(learn):
-    """At the low-rate point the frozen rate-distortion codec keeps too little for the classifier;
-    the task-aware codec spends its bits on what the task needs (the paper's finding)."""
+def test_aware_beats_agnostic_at_matched_rate(learn):
+    """At a low rate the frozen rate-distortion codec keeps too little for the classifier; the
+    task-aware codec spends its bits on what the task needs (the paper's finding). Compared at
+    matched real rate: `aware` at HIGH against `agnostic`'s curve read at `aware`'s rate (log-linear
+    between the agnostic points that bracket it). Measured when written: aware 63.2 % at 0.135 bpp,
+    agnostic 51.8 % at 0.106 and 64.2 % at 0.156, so 59.5 % at 0.135; aware at lmbda_d 1, alpha 0.3
+    (the earlier recipe) sat on the agnostic curve."""
     p, data, models = learn
-    accuracy = {}
-    for mode in ("agnostic", "aware"):
-        run = Run(mode, 0, beta=HIGH)
+    rows = {}
+    for mode, beta in (("agnostic", COLLAPSE), ("agnostic", HIGH), ("agnostic", LOW), ("aware", HIGH)):
+        run = Run(mode, 0, beta=beta)
         train_task(p, run, data, models)
-        row = evaluate_run(p, run, data, models, "cpu")
-        accuracy[mode] = row["accuracy"]
-    assert accuracy["aware"] > accuracy["agnostic"] + 0.03, accuracy
+        rows[mode, beta] = evaluate_run(p, run, data, models, "cpu")
+    aware = rows["aware", HIGH]
+    rates, accs = zip(*[(rows["agnostic", b]["bpp"], rows["agnostic", b]["accuracy"]) for b in (COLLAPSE, HIGH, LOW)])
+    summary = {k: (round(r["bpp"], 4), r["accuracy"]) for k, r in rows.items()}
+    assert min(rates) < aware["bpp"] < max(rates), summary  # inside agnostic's rate range: a matched-rate reading
+    agnostic = accuracy_at_rate(rates, accs, aware["bpp"])
+    assert aware["accuracy"] > agnostic + 0.02, (agnostic, summary)
 
 
 @pytest.mark.parametrize("arch", ["tactic", "hyperprior"])
