@@ -27,7 +27,7 @@ from tactic.data.prepare import prepare
 from tactic.data.prepared import Split, load_split, read_meta
 from tactic.losses import TacticLoss
 from tactic.experiment.system import System, build_codec, build_task, resolve_device
-from tactic.experiment.train import fit, make_optimizers
+from tactic.experiment.train import channels_last, fit, make_optimizers, use_nhwc
 
 
 def _system(p, meta, mode):
@@ -37,6 +37,9 @@ def _system(p, meta, mode):
 
 def bare_loop(system, loss_fn, optim, xs, ys):
     opt, aux = optim
+    if use_nhwc(system):  # fit's memory layout: only the loops are compared
+        system.to(memory_format=torch.channels_last)
+        xs = [channels_last(x) for x in xs]
     system.train()
     t0 = time.perf_counter()
     for x, y in zip(xs, ys):
