@@ -112,3 +112,33 @@ def test_divergence_stops_at_the_step_names_the_part_and_fails_the_run(tiny_para
     runs = mlflow.search_runs(experiment_names=["tactic"], filter_string="tags.dvc_stage = 'train_aware@0.03-0'")
     diverged = runs[runs["tags.failure_reason"].fillna("").str.contains("training diverged")]
     assert len(diverged) == 1 and diverged.iloc[0]["status"] == "FAILED"
+
+
+def test_nhwc_training_changes_the_layout_not_the_values():
+    """`fit` trains narrow networks in NHWC (faster there): the same weights give the same loss and
+    gradients as in NCHW, up to float rounding; wide ones (the ResNets) stay NCHW, where NHWC is slower."""
+    from tactic.codecs.codec import TacticCodec
+    from tactic.experiment.system import System
+    from tactic.experiment.train import channels_last, use_nhwc
+    from tactic.losses import TacticLoss
+    from tactic.tasks.classifiers import build_classifier
+
+    torch.manual_seed(0)
+    system = System(TacticCodec(1, 16, 8), build_classifier("small-cnn", 1, 10, 16)).train()
+    loss_fn = TacticLoss(0.1, 0.1, 0.4)
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    results = []
+    for nhwc in (False, True):
+        if nhwc:
+            system.to(memory_format=torch.channels_last)
+        torch.manual_seed(1)  # the rate term's uniform noise
+        inp = channels_last(x) if nhwc else x
+        system.zero_grad()
+        loss = loss_fn(system(inp), inp, y)["loss"]
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in system.parameters() if p.grad is not None]))
+    assert system.codec.g_a[0].weight.is_contiguous(memory_format=torch.channels_last)
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5) and len(grads_a) == len(grads_b)
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(grads_a, grads_b))
+    assert use_nhwc(system) and not use_nhwc(build_classifier("resnet50", 1, 10))

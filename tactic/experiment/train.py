@@ -56,7 +56,7 @@ NHWC_MAX_CHANNELS = 64
 
 def use_nhwc(system: torch.nn.Module) -> bool:
     """Whether `fit` trains `system` in NHWC (channels_last): where oneDNN's NHWC convolutions measured faster."""
-    widths = [m.out_channels for m in system.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    widths = [m.out_channels for m in system.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
     return bool(widths) and max(widths) <= NHWC_MAX_CHANNELS
 
 
