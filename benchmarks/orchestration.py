@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.stages import stop_groups
 from tactic.profiles import resolve_params
 from tactic.io import copy_tracked
 
@@ -84,17 +84,6 @@ def start_cluster(tmp: Path, cwd: Path, env: dict, workers: int) -> tuple[str, l
     return json.loads(file.read_text())["address"], procs
 
 
-def stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="smoke")
@@ -137,7 +126,7 @@ def main():
             try:
                 seconds = timed([sys.executable, "-m", "pipeline.flow", "--dask-address", address], repo, env)
             finally:
-                stop(procs)
+                stop_groups(procs)
             report(f"Prefect flow on a Dask cluster of separate processes ({args.workers} workers, --dask-address)", seconds, env,
                    f" (the cluster took {started:.1f} s to start, not counted)")
         if "kfp" not in skip:

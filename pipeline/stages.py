@@ -141,3 +141,19 @@ def run_dvc_stage(name: str, root: str | Path, env: dict, attempts: int = 30, co
             raise StageFailed(f"stage {name} failed (exit {proc.returncode}):\n{tail(output)}")
         time.sleep(random.uniform(0.2, 1.0) * min(attempt + 1, 5))
     raise StageFailed(f"stage {name}: DVC lock still held after {attempts} attempts:\n{tail(output)}")
+
+
+def stop_groups(procs: list[subprocess.Popen], timeout: float = 30) -> None:
+    """End servers and clusters started with `start_new_session`: SIGTERM each one's process group,
+    then SIGKILL the groups of those still running after `timeout` s."""
+    import signal
+
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

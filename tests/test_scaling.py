@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stages import GUARD_GRACE_S, stage_graph
+from pipeline.stages import GUARD_GRACE_S, stage_graph, stop_groups
 from tactic.config import parse_params
 from tactic.profiles import resolve_params
 from tests.helpers import BIN, REPO, copy_repo
@@ -252,15 +252,7 @@ def dask_run(tmp_path_factory, fmnist_root) -> dict:
         watcher.done.set()
         watcher.join()
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        stop_groups(procs, timeout=20)
     return {"repo": repo, "flow": flow, "workers": workers, "watcher": watcher, "mlflow": _stage_runs(tmp / "mlflow.db"),
             "logs": {p.pid: (logs / f"w{i}.log").read_text() for i, p in enumerate(procs[1:])}}
 
