@@ -36,10 +36,8 @@ def _system(p, meta, mode):
 
 
 def bare_loop(system, loss_fn, optim, xs, ys):
+    """Seconds for one plain training step per batch (in the layout of `system` and `xs`)."""
     opt, aux = optim
-    if use_nhwc(system):  # fit's memory layout: only the loops are compared
-        system.to(memory_format=torch.channels_last)
-        xs = [channels_last(x) for x in xs]
     system.train()
     t0 = time.perf_counter()
     for x, y in zip(xs, ys):
@@ -79,7 +77,10 @@ def bench_training(p, data, device, n, repeats):
                 system = _system(p, meta, mode).to(device)
                 optim = make_optimizers(system, cfg.lr, codec_lr=cfg.codec_lr, aux_lr=cfg.aux_lr)
                 with tempfile.TemporaryDirectory() as tmp:
-                    t = bare_loop(system, loss_fn, optim, xs, ys) if side == "bare" else \
+                    nhwc = side == "bare" and use_nhwc(system)  # fit's memory layout: only the loops are compared
+                    if nhwc:
+                        system.to(memory_format=torch.channels_last)
+                    t = bare_loop(system, loss_fn, optim, [channels_last(x) for x in xs] if nhwc else xs, ys) if side == "bare" else \
                         project_loop(system, loss_fn, optim, train, val, cfg, device, Path(tmp) / "ckpt.pt")
                 best[side] = min(best[side], t)
         bare, proj = n / best["bare"], n / best["project"]

@@ -12,11 +12,15 @@ shapes: the arithmetic of a step does not depend on the values.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.throughput import bare_loop  # noqa: E402
 from tactic.codecs.codec import TacticCodec
 from tactic.codecs.hyperprior import Hyperprior
 from tactic.config import load_params
@@ -25,8 +29,6 @@ from tactic.experiment.train import channels_last, make_optimizers, use_nhwc
 from tactic.losses import TacticLoss
 from tactic.tasks.classifiers import build_classifier
 from tactic.tasks.cresnet import CResNet39, LatentHead
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def systems(p) -> dict:
@@ -51,31 +53,16 @@ def systems(p) -> dict:
 
 
 def step_ms(make, loss_fn, shape, nhwc: bool, steps: int) -> float:
+    """Milliseconds a step of throughput.py's bare training loop takes on one batch of `shape`."""
     torch.manual_seed(0)
     system = make()
-    opt, aux = make_optimizers(system, 1e-3)
+    optim = make_optimizers(system, 1e-3)
     x, y = torch.rand(shape), torch.randint(0, 10, (shape[0],))
     if nhwc:
         system.to(memory_format=torch.channels_last)
         x = channels_last(x)
-
-    def step():
-        parts = loss_fn(system(x), x, y)
-        opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        opt.step()
-        if aux is not None:
-            aux.zero_grad(set_to_none=True)
-            system.codec.aux_loss().backward()
-            aux.step()
-
-    system.train()
-    for _ in range(3):  # oneDNN picks and caches its kernels in the first steps
-        step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t0) / steps * 1000
+    bare_loop(system, loss_fn, optim, [x] * 3, [y] * 3)  # oneDNN picks and caches its kernels in the first steps
+    return bare_loop(system, loss_fn, optim, [x] * steps, [y] * steps) / steps * 1000
 
 
 def main():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -146,8 +147,6 @@ def run_dvc_stage(name: str, root: str | Path, env: dict, attempts: int = 30, co
 def stop_groups(procs: list[subprocess.Popen], timeout: float = 30) -> None:
     """End servers and clusters started with `start_new_session`: SIGTERM each one's process group,
     then SIGKILL the groups of those still running after `timeout` s."""
-    import signal
-
     for p in procs:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGTERM)

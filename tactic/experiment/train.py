@@ -50,7 +50,7 @@ def _check_finite(parts: dict, grad_norm: torch.Tensor, name: str, epoch: int, s
 
 # Measured (benchmarks/train_step.py, 2-core CPU): NHWC makes a training step of the narrow
 # networks (the TACTIC codec, the small CNN, the embedded hyperprior: at most 64 channels) 1.2-1.6x
-# faster, and those of the ResNets (up to 2048 channels) 4-9 % slower; at 128-320 channels even.
+# faster; those of the ResNets (up to 2048 channels) 0.89-1.01x, and at 128-320 channels 0.98-1.02x.
 NHWC_MAX_CHANNELS = 64
 
 
@@ -88,7 +88,7 @@ def make_optimizers(system: System, lr: float, codec_lr: Optional[float] = None,
 
 @torch.no_grad()
 def validate(system: System, loss_fn: TacticLoss, split: Split, batch_size: int, device, limit_batches=None,
-             transform=None, layout=lambda x: x) -> dict:
+             transform=None, nhwc: bool = False) -> dict:
     """Loss parts, accuracy (mIoU too for segmentation) and PSNR on what the test split will show the
     task network: the codec in inference mode (rounded latents, the reconstruction a bitstream
     decodes to; estimated bpp), or images through `transform` (JPEG) as in training."""
@@ -96,7 +96,7 @@ def validate(system: System, loss_fn: TacticLoss, split: Split, batch_size: int,
     sums, n = defaultdict(float), 0
     scores = TaskScores(getattr(loss_fn.task_loss, "ignore_index", 255))
     for x, y in batches(split, batch_size, device, limit_batches=limit_batches, transform=transform):
-        x = layout(x)
+        x = channels_last(x) if nhwc else x
         out = system(x)
         for k, v in loss_fn(out, x, y).items():
             sums[k] += float(v) * len(x)
@@ -136,8 +136,8 @@ def fit(
     """
     opt, aux_opt = optimizers
     history, start = [], 0
-    layout = channels_last if use_nhwc(system) else (lambda x: x)
-    if layout is channels_last:  # in place (the optimisers keep their parameters), before any state is loaded
+    nhwc = use_nhwc(system)
+    if nhwc:  # in place (the optimisers keep their parameters), before any state is loaded
         system.to(memory_format=torch.channels_last)
     if state is not None:
         system.load_state_dict(state["system"])
@@ -158,7 +158,7 @@ def fit(
             # Set from (epoch, step) alone, so a resumed run continues the schedule where it stopped.
             for g in opt.param_groups:
                 g["lr"] = g["initial_lr"] * lr_factor(cfg.lr_schedule, epoch * total + step, cfg.epochs * total)
-            x = layout(x)
+            x = channels_last(x) if nhwc else x
             parts = loss_fn(system(x), x, y)
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
@@ -172,7 +172,7 @@ def fit(
                 sums[k] += float(v.detach()) * len(x)
             n += len(x)
         metrics = {f"train_{k}": v / n for k, v in sums.items()}
-        metrics.update(validate(system, loss_fn, val, cfg.batch_size, device, cfg.limit_batches, transform, layout))
+        metrics.update(validate(system, loss_fn, val, cfg.batch_size, device, cfg.limit_batches, transform, nhwc))
         history.append({"epoch": epoch, **metrics})
         log(metrics, epoch)
         save_torch(checkpoint, {
