@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -138,19 +139,26 @@ def load_torch(path, what: str, weights_only: bool = True):
     if not file.is_file():
         raise FileNotFoundError(f"{what}: no such file {file}")
     try:
-        return torch.load(file, map_location="cpu", weights_only=weights_only)
+        with warnings.catch_warnings():  # junk opening with 0x80 reads as a pickle of an odd protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(file, map_location="cpu", weights_only=weights_only)
     except Exception as err:  # garbage makes the unpickler fail in any way (IndexError, KeyError, ...)
         raise BadFileError(f"{what}: {file}: {_diagnose(file, err)}") from err
 
 
+# torch.save's legacy format opens with a pickle of its magic number (torch.serialization.MAGIC_NUMBER),
+# after the pickle header (and a frame opcode from protocol 4): a lone 0x80 opens one random file in 256.
+_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
 def _diagnose(file: Path, err: Exception) -> str:
-    head, size = file.open("rb").read(4), file.stat().st_size
+    head, size = file.open("rb").read(32), file.stat().st_size
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if head == b"PK\x03\x04":  # torch.save's zip format
+    if head[:4] == b"PK\x03\x04":  # torch.save's zip format
         if not zipfile.is_zipfile(file):
             return f"truncated or damaged PyTorch file ({size} bytes: its zip directory is missing)"
-    elif head[:1] != b"\x80":  # neither zip nor torch's legacy pickle format
-        return f"not a PyTorch file ({size} bytes, starts with {head!r})"
+    elif not (head[:1] == b"\x80" and _LEGACY_MAGIC in head):  # neither zip nor torch's legacy format
+        return f"not a PyTorch file ({size} bytes, starts with {head[:4]!r})"
     if "Weights only load failed" in str(err):
         return "holds Python objects, not only tensors (save a state dict: torch.save(model.state_dict(), path))"
     return f"truncated or damaged PyTorch file ({size} bytes): {first}"

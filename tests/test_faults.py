@@ -169,6 +169,7 @@ def _bad_files(tmp_path: Path) -> dict:
     blob = good.read_bytes()
     junk = random.Random(0).randbytes(4096)  # seeded: neither torch's zip nor its pickle magic at the start
     files = {"random bytes": (junk, "not a PyTorch file"),
+             "a pickle opcode, then junk": (b"\x80" + junk, "not a PyTorch file"),
              "truncated": (blob[: len(blob) // 2], "truncated or damaged PyTorch file"),
              "another architecture": (None, "wrong architecture")}
     out = {}
