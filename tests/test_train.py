@@ -98,6 +98,34 @@ def test_agnostic_keeps_the_codec_frozen(tiny_params, prepared, codec_models, tm
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("mode, point", [("jpeg", {"quality": 5}), ("agnostic", {"beta": 0.3})])
+def test_a_fixed_front_end_trains_its_task_network_on_its_test_time_round_trip(tiny_params, prepared, codec_models, tmp_path,
+                                                                                mode, point):
+    """JPEG and the frozen codec are deterministic: their task networks train and validate on what
+    `code` gives of each image (JPEG files, real bitstreams decoded), made once, not every epoch."""
+    from tactic.data import to_float
+    from tactic.data.prepared import load_split, read_meta
+    from tactic.experiment.modes import MODES
+
+    run = Run(mode, 0, **point)
+    models = _models_with_codec(codec_models, tmp_path / "models")
+    plan = MODES[mode].plan(tiny_params, run, read_meta(prepared), prepared, models, torch.device("cpu"))
+    assert plan.system.codec is None and plan.system.task is plan.save.task  # what is trained is what is saved
+    cached = plan.splits()
+    for split, name in zip(cached, ("train", "val")):
+        images = load_split(prepared, name).images
+        assert len(split) == len(images)
+        x = to_float(images[-7:], "cpu")  # the end of the last batch
+        coded = MODES[mode].code(plan.save, x, run.quality, ["image"] * len(x), measure=False).task_input
+        if mode == "jpeg":  # 8-bit images, cached as they are
+            assert split.images.dtype.name == "uint8" and torch.equal(to_float(split.images[-7:], "cpu"), coded)
+        else:  # the same decoder on the same rounded latents, in a batch of another size
+            torch.testing.assert_close(to_float(split.images[-7:], "cpu"), coded, rtol=0, atol=1e-5)
+        assert not torch.equal(coded, x)
+    train_task(tiny_params, run, prepared, models)
+    assert not list((models.parent / ".checkpoints").rglob("codes-*.npy")) and not list(models.rglob("codes-*.npy"))
+
+
 def test_divergence_stops_at_the_step_names_the_part_and_fails_the_run(tiny_params, prepared, codec_models, tmp_path):
     from tactic.config import merged, parse_params
     from tactic.experiment.train import DivergenceError

@@ -1,7 +1,7 @@
 """Data adapters (one module per distributed layout) and the prepared form all stages read."""
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -24,10 +24,9 @@ def batches(
     device,
     shuffle_seed: Optional[int] = None,
     limit_batches: Optional[int] = None,
-    transform: Optional[Callable[[np.ndarray], np.ndarray]] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (images, labels) batches; the order depends only on `shuffle_seed`, so a resumed epoch
-    sees the same batches. `transform` maps a uint8 (N, H, W, C) batch (e.g. a JPEG round trip)."""
+    sees the same batches."""
     n = len(split)
     order = np.random.default_rng(shuffle_seed).permutation(n) if shuffle_seed is not None else np.arange(n)
     count = (n + batch_size - 1) // batch_size
@@ -37,8 +36,6 @@ def batches(
         # Sorted indices read a memory-mapped split sequentially.
         idx = np.sort(order[b * batch_size:(b + 1) * batch_size])
         images = split.images[idx]
-        if transform is not None:
-            images = transform(images)
         # Masks are stored as uint8; losses and metrics index with int64.
         yield to_float(images, device), torch.from_numpy(split.labels[idx].astype(np.int64)).to(device, non_blocking=True)
 

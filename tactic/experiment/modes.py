@@ -3,8 +3,8 @@
 A mode says which operating point it takes (`point`: a rate weight beta, a codec or JPEG quality,
 or none) and which pre-trained codec it starts from (`pretrain`); how its system is built and
 trained (`plan`: networks, loss, optimisers, what it trains on); what its task network sees at
-test time from a real bitstream (`code`, which the frozen-codec modes also train on, so training
-and testing cannot drift apart); and how the report draws and compares it (`style`, `references`).
+test time from a real bitstream (`code`, which the modes with a fixed codec or JPEG also train on,
+so training and testing cannot drift apart); and how the report draws and compares it (`style`, `references`).
 
 Adding a mode is one subclass here, registered in MODES, and one matrix stage in dvc.yaml: the
 grid (tactic.experiment.grid) names its stage, folders and MLflow runs after `name`, the `train` stage and
@@ -13,6 +13,7 @@ BD-accuracy and BD-rate against each of its `references`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,6 @@ class Plan:
     optimizers: tuple
     cfg: object  # OptimParams: epochs, batch_size, lr, ...
     run_params: dict = field(default_factory=dict)  # logged to MLflow and in the checkpoint fingerprint
-    transform: Optional[Callable] = None  # applied to each training batch (JPEG round trip)
     splits: Optional[Callable] = None  # replaces the prepared (train, val): cached test-time inputs
     save: Optional[System] = None  # the system as evaluated, when `system` trains on cached inputs
     caches: Sequence[Path] = ()  # files to delete after training
@@ -72,6 +72,10 @@ class Mode:
     references: tuple[str, ...] = ()  # modes this one is compared with: BD-accuracy, BD-rate
 
     latent = False  # the task network reads the codec's latents (y_hat, sigma_hat), not pixels
+    # The task network trains on what `code` gives (the front end, a fixed codec or JPEG, is
+    # deterministic): made once per image into memory-mapped .npy files, not again every epoch.
+    cached = False
+    eight_bit = False  # ... stored as uint8: `code` gives 8-bit images (JPEG, decoded files)
 
     def points(self, p: Params) -> list:
         """The operating points params give this mode (its `point` values; [None] without one)."""
@@ -92,6 +96,35 @@ class Mode:
 
     def _codec(self, run, models: Path, device):
         return load_codec(run.codec_run.model_path(models), device, f"the model of stage {run.codec_run.stage}")[0]
+
+    def _on_cached_codes(self, plan: Plan, p: Params, run, data: Path, device, models: Path) -> Plan:
+        """`plan` with its task network training on the cached codes of `plan.system` (saved as it is
+        evaluated): the optimisers already hold only the task network's parameters."""
+        evaluated, cache = plan.system.eval(), run.work_dir(models)  # `fit` puts the task network back in training mode
+        splits = functools.partial(self._cached_splits, evaluated, run.quality, data, p.evaluate.batch_size, device, cache)
+        # In the fingerprint: a checkpoint of the same run trained through the codec is not resumed.
+        return dataclasses.replace(plan, system=System(None, evaluated.task).to(device), splits=splits, save=evaluated,
+                                   run_params={**plan.run_params, "trains_on": "cached codes"},
+                                   caches=[cache / f"codes-{name}.npy" for name in ("train", "val")])
+
+    def _cached_splits(self, system: System, quality, data: Path, batch_size: int, device, cache: Path) -> tuple[Split, Split]:
+        out = []
+        for name in ("train", "val"):
+            split = load_split(data, name)
+            path = cache / f"codes-{name}.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            arr, start = None, 0
+            for x, _ in batches(split, batch_size, device):
+                coded = self.code(system, x, quality, [f"{name} image {start + i}" for i in range(len(x))], measure=False)
+                rows = coded.task_input
+                rows = ((rows * 255).round().byte() if self.eight_bit else rows.float()).permute(0, 2, 3, 1).cpu().numpy()
+                if arr is None:
+                    arr = np.lib.format.open_memmap(path, "w+", rows.dtype, (len(split), *rows.shape[1:]))
+                arr[start:start + len(x)] = rows
+                start += len(x)
+            arr.flush()
+            out.append(Split(np.load(path, mmap_mode="r"), np.asarray(split.labels)))
+        return tuple(out)
 
 
 # -- TACTIC's modes: a task network behind no codec, JPEG, or the TACTIC codec ---------------------
@@ -114,12 +147,10 @@ class _TacticMode(Mode):
         if task_loss is not None:
             run_params.update(gamma=p.train.gamma, class_weights=p.train.class_weights)
         optim = make_optimizers(system, p.train.lr, codec_lr=p.train.codec_lr, aux_lr=p.train.aux_lr)
-        return Plan(system, loss, optim, p.train, run_params, transform=self._transform(run))
+        plan = Plan(system, loss, optim, p.train, run_params)
+        return self._on_cached_codes(plan, p, run, data, device, models) if self.cached else plan
 
     def _codec_loss(self, p, run, codec, task_loss) -> Optional[TacticLoss]:
-        return None
-
-    def _transform(self, run) -> Optional[Callable]:
         return None
 
 
@@ -133,22 +164,16 @@ class Uncompressed(_TacticMode):
 class Jpeg(_TacticMode):
     """Pillow JPEG at `quality`; bpp counts the entropy-coded scan, `bpp_file` the whole file."""
     name, point, style, references = "jpeg", "quality", ("#7f7f7f", "s"), ()
+    cached = eight_bit = True
 
     def points(self, p):
         return p.jpeg.qualities
-
-    def _transform(self, run):
-        return functools.partial(_jpeg_images, quality=run.quality)
 
     def code(self, system, x, quality, names, measure=True):
         images = (x.permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()
         decoded, file_bytes, scan_bytes = jpeg.roundtrip(images, quality)
         x_hat = torch.from_numpy(decoded).to(x.device).permute(0, 3, 1, 2).float() / 255
         return Coded(x_hat, bits=8 * float(scan_bytes.sum()), decoded=x_hat, bits_file=8 * float(file_bytes.sum()))
-
-
-def _jpeg_images(images: np.ndarray, quality: int) -> np.ndarray:
-    return jpeg.roundtrip(images, quality)[0]
 
 
 class _TacticCodecMode(_TacticMode):
@@ -169,6 +194,7 @@ class _TacticCodecMode(_TacticMode):
 class Agnostic(_TacticCodecMode):
     """Task-agnostic: the rate-distortion codec frozen, the task network trained on what it decodes."""
     name, style = "agnostic", ("#1f77b4", "o")
+    cached = True
 
 
 class Aware(_TacticCodecMode):
@@ -218,43 +244,16 @@ class _LatentMode(Mode):
 
 
 class _FrozenLatentMode(_LatentMode):
-    """Codec fixed; the task network trains on what `code` gives, cached once per image (every image
-    entropy coded to its own bitstream and decoded back) in memory-mapped .npy files, so any dataset fits."""
+    """Codec fixed; the task network trains on what `code` gives (every image entropy coded to its own
+    bitstream and decoded back), cached once per image in memory-mapped .npy files, so any dataset fits."""
+    cached = True
 
     def plan(self, p, run, meta, data, models, device):
         codec, task, run_params = self._setup(p, run, meta, models, device)
-        cfg = p.latent.train
-        codec.eval()
-        cache = run.work_dir(models)
-        system = System(None, task).to(device)  # trains on the cached codes
-        evaluated = System(codec, task, codec_frozen=True, latent=self.latent)
-        optim = make_optimizers(system, cfg.lr)
-        loss = TacticLoss(lmbda_d=0.0, alpha=1.0, beta=0.0)
-        splits = functools.partial(self._cached_splits, evaluated, data, p.evaluate.batch_size, device, cache)
-        what = "latents" if self.latent else "pixels"
-        return Plan(system, loss, optim, cfg, run_params, splits=splits, save=evaluated,
-                    caches=[cache / f"{what}-{name}.npy" for name in ("train", "val")])
-
-    def _cached_splits(self, system: System, data: Path, batch_size: int, device, cache: Path) -> tuple[Split, Split]:
-        out = []
-        for name in ("train", "val"):
-            split = load_split(data, name)
-            path = cache / f"{'latents' if self.latent else 'pixels'}-{name}.npy"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            arr, start = None, 0
-            for x, _ in batches(split, batch_size, device):
-                coded = self.code(system, x, None, [f"{name} image {start + i}" for i in range(len(x))], measure=False)
-                rows = self._cache_rows(coded.task_input).permute(0, 2, 3, 1).cpu().numpy()
-                if arr is None:
-                    arr = np.lib.format.open_memmap(path, "w+", rows.dtype, (len(split), *rows.shape[1:]))
-                arr[start:start + len(x)] = rows
-                start += len(x)
-            arr.flush()
-            out.append(Split(np.load(path, mmap_mode="r"), np.asarray(split.labels)))
-        return tuple(out)
-
-    def _cache_rows(self, task_input: torch.Tensor) -> torch.Tensor:
-        return task_input.float()
+        evaluated = System(codec, task, codec_frozen=True, latent=self.latent).to(device)
+        plan = Plan(evaluated, TacticLoss(lmbda_d=0.0, alpha=1.0, beta=0.0), make_optimizers(evaluated, p.latent.train.lr),
+                    p.latent.train, run_params)
+        return self._on_cached_codes(plan, p, run, data, device, models)
 
 
 class LatentFrozen(_FrozenLatentMode):
@@ -279,7 +278,7 @@ class LatentJoint(_LatentMode):
 class PixelDecoded(_FrozenLatentMode):
     """ResNet-50 on the frozen codec's decoded pixels, as 8-bit images (what a decoded file holds)."""
     name, style = "pixel-decoded", ("#ff7f0e", "P")
-    latent = False
+    latent, eight_bit = False, True
 
     def task_network(self, p, meta, codec=None):
         from tactic.tasks.classifiers import build_classifier
@@ -296,9 +295,6 @@ class PixelDecoded(_FrozenLatentMode):
         x_hat = (x_hat * 255).round() / 255  # 8-bit, as a decoded file would be
         return Coded(x_hat, bits=8 * sum(len(s) for s in packed["streams"]), decoded=x_hat,
                      bits_estimated=float(estimated_bpp(estimate["likelihoods"], 1)) if measure else None)
-
-    def _cache_rows(self, task_input):
-        return (task_input * 255).round().byte()
 
 
 MODES: dict[str, Mode] = {m.name: m for m in (Uncompressed(), Jpeg(), Agnostic(), Aware(), LatentFrozen(), LatentJoint(),

@@ -55,7 +55,7 @@ def _train(p: Params, run: Run, plan: Plan, data: Path, models: Path) -> dict:
         t0 = time.perf_counter()
         train, val = plan.splits() if plan.splits else (load_split(data, "train"), load_split(data, "val"))
         history = fit(system, loss_fn, plan.optimizers, train, val, cfg, run.seed, device, ckpt_path, config_id,
-                      log=lambda m, step: tracking.log_metrics(tracked_names(m, p.model.task.task), step), transform=plan.transform, state=state,
+                      log=lambda m, step: tracking.log_metrics(tracked_names(m, p.model.task.task), step), state=state,
                       extra={"mlflow_run_id": mlrun.info.run_id}, name=run.stage)
         tracking.log_metrics({"train_seconds": time.perf_counter() - t0})
         _warn_at_chance(history[-1], len(val), len(read_meta(data)["classes"]), run.stage)

@@ -88,14 +88,14 @@ def make_optimizers(system: System, lr: float, codec_lr: Optional[float] = None,
 
 @torch.no_grad()
 def validate(system: System, loss_fn: TacticLoss, split: Split, batch_size: int, device, limit_batches=None,
-             transform=None, nhwc: bool = False) -> dict:
+             nhwc: bool = False) -> dict:
     """Loss parts, accuracy (mIoU too for segmentation) and PSNR on what the test split will show the
     task network: the codec in inference mode (rounded latents, the reconstruction a bitstream
-    decodes to; estimated bpp), or images through `transform` (JPEG) as in training."""
+    decodes to; estimated bpp), or the cached codes a mode with a fixed codec or JPEG trains on."""
     system.eval()
     sums, n = defaultdict(float), 0
     scores = TaskScores(getattr(loss_fn.task_loss, "ignore_index", 255))
-    for x, y in batches(split, batch_size, device, limit_batches=limit_batches, transform=transform):
+    for x, y in batches(split, batch_size, device, limit_batches=limit_batches):
         x = channels_last(x) if nhwc else x
         out = system(x)
         for k, v in loss_fn(out, x, y).items():
@@ -123,7 +123,6 @@ def fit(
     checkpoint: Path,
     config_id: str,
     log: Callable[[dict, int], None] = lambda metrics, epoch: None,
-    transform=None,
     state: Optional[dict] = None,
     extra: Optional[dict] = None,
     name: str = "training",
@@ -151,7 +150,7 @@ def fit(
         system.train()
         sums, n = defaultdict(float), 0
         # The shuffle depends on (seed, epoch) only, so a resumed run sees the batches it would have seen.
-        it = batches(train, cfg.batch_size, device, seed * 10_000 + epoch, cfg.limit_batches, transform)
+        it = batches(train, cfg.batch_size, device, seed * 10_000 + epoch, cfg.limit_batches)
         params = [q for g in opt.param_groups for q in g["params"]]
         for step, (x, y) in enumerate(tqdm(it, total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
                                            disable=None, leave=False)):
@@ -172,7 +171,7 @@ def fit(
                 sums[k] += float(v.detach()) * len(x)
             n += len(x)
         metrics = {f"train_{k}": v / n for k, v in sums.items()}
-        metrics.update(validate(system, loss_fn, val, cfg.batch_size, device, cfg.limit_batches, transform, nhwc))
+        metrics.update(validate(system, loss_fn, val, cfg.batch_size, device, cfg.limit_batches, nhwc))
         history.append({"epoch": epoch, **metrics})
         log(metrics, epoch)
         save_torch(checkpoint, {
