@@ -25,7 +25,14 @@ def main(argv=None):
         os.environ["TACTIC_DASK_ADDRESS"] = args.dask_address
     # Stages run by local workers fork from the stage server instead of paying ~8 s of imports each.
     server.start(idle=600, wait=0)
-    tactic.serve(name="full", description="The whole TACTIC pipeline: every DVC stage that is not up to date.")
+    from prefect.settings import PREFECT_RUNNER_POLL_FREQUENCY, temporary_settings
+
+    # How often the runner asks the API for runs to start: Prefect's 10 s default is up to 10 s of
+    # waiting before each run; one local query a second costs nothing beside the stages. A value
+    # set in the environment is kept.
+    poll = {} if "PREFECT_RUNNER_POLL_FREQUENCY" in os.environ else {PREFECT_RUNNER_POLL_FREQUENCY: 1}
+    with temporary_settings(updates=poll):
+        tactic.serve(name="full", description="The whole TACTIC pipeline: every DVC stage that is not up to date.")
 
 
 if __name__ == "__main__":
