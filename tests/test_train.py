@@ -1,6 +1,7 @@
 import shutil
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
@@ -100,7 +101,7 @@ def test_agnostic_keeps_the_codec_frozen(tiny_params, prepared, codec_models, tm
 
 @pytest.mark.parametrize("mode, point", [("jpeg", {"quality": 5}), ("agnostic", {"beta": 0.3})])
 def test_a_fixed_front_end_trains_its_task_network_on_its_test_time_round_trip(tiny_params, prepared, codec_models, tmp_path,
-                                                                                mode, point):
+                                                                                monkeypatch, mode, point):
     """JPEG and the frozen codec are deterministic: their task networks train and validate on what
     `code` gives of each image (JPEG files, real bitstreams decoded), made once, not every epoch."""
     from tactic.data import to_float
@@ -122,6 +123,18 @@ def test_a_fixed_front_end_trains_its_task_network_on_its_test_time_round_trip(t
         else:  # the same decoder on the same rounded latents, in a batch of another size
             torch.testing.assert_close(to_float(split.images[-7:], "cpu"), coded, rtol=0, atol=1e-5)
         assert not torch.equal(coded, x)
+    # Codes too large to cache (here any size) are made again whenever a batch is read: the same rows.
+    for f in plan.caches:
+        f.unlink()
+    monkeypatch.setenv("TACTIC_CODE_CACHE_GIB", "0")
+    made = plan.splits()
+    assert not any(f.exists() for f in plan.caches)
+    for split, kept in zip(made, cached):
+        assert len(split) == len(kept)
+        rows = np.arange(len(split) - 7, len(split))
+        torch.testing.assert_close(to_float(split.images[rows], "cpu"), to_float(kept.images[-7:], "cpu"), rtol=0,
+                                   atol=0 if mode == "jpeg" else 1e-5)
+    monkeypatch.delenv("TACTIC_CODE_CACHE_GIB")
     train_task(tiny_params, run, prepared, models)
     assert not list((models.parent / ".checkpoints").rglob("codes-*.npy")) and not list(models.rglob("codes-*.npy"))
 

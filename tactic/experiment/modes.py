@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -24,7 +25,7 @@ import torch
 
 from tactic.codecs import jpeg
 from tactic.config import Params
-from tactic.data import batches
+from tactic.data import to_float
 from tactic.data.prepared import Split, load_split
 from tactic.io import BadFileError, sha256
 from tactic.losses import TacticLoss, bpp as estimated_bpp
@@ -73,7 +74,8 @@ class Mode:
 
     latent = False  # the task network reads the codec's latents (y_hat, sigma_hat), not pixels
     # The task network trains on what `code` gives (the front end, a fixed codec or JPEG, is
-    # deterministic): made once per image into memory-mapped .npy files, not again every epoch.
+    # deterministic): made once per image into memory-mapped .npy files, not again every epoch
+    # (unless they would exceed CACHE_LIMIT_GIB: then made again for every batch read).
     cached = False
     eight_bit = False  # ... stored as uint8: `code` gives 8-bit images (JPEG, decoded files)
 
@@ -98,8 +100,8 @@ class Mode:
         return load_codec(run.codec_run.model_path(models), device, f"the model of stage {run.codec_run.stage}")[0]
 
     def _on_cached_codes(self, plan: Plan, p: Params, run, data: Path, device, models: Path) -> Plan:
-        """`plan` with its task network training on the cached codes of `plan.system` (saved as it is
-        evaluated): the optimisers already hold only the task network's parameters."""
+        """`plan` with its task network training on the codes of `plan.system` (saved as it is
+        evaluated), cached: the optimisers already hold only the task network's parameters."""
         evaluated, cache = plan.system.eval(), run.work_dir(models)  # `fit` puts the task network back in training mode
         splits = functools.partial(self._cached_splits, evaluated, run.quality, data, p.evaluate.batch_size, device, cache)
         # In the fingerprint: a checkpoint of the same run trained through the codec is not resumed.
@@ -108,23 +110,48 @@ class Mode:
                                    caches=[cache / f"codes-{name}.npy" for name in ("train", "val")])
 
     def _cached_splits(self, system: System, quality, data: Path, batch_size: int, device, cache: Path) -> tuple[Split, Split]:
+        splits = {name: load_split(data, name) for name in ("train", "val")}
+        coded = {name: CodedImages(self, system, quality, name, split.images, device) for name, split in splits.items()}
+        first = coded["train"][np.arange(1)]
+        limit = float(os.environ.get("TACTIC_CODE_CACHE_GIB", CACHE_LIMIT_GIB))
+        if first.nbytes * sum(map(len, splits.values())) > limit * 2**30:
+            return tuple(Split(coded[name], np.asarray(split.labels)) for name, split in splits.items())
         out = []
-        for name in ("train", "val"):
-            split = load_split(data, name)
+        for name, split in splits.items():
             path = cache / f"codes-{name}.npy"
             path.parent.mkdir(parents=True, exist_ok=True)
-            arr, start = None, 0
-            for x, _ in batches(split, batch_size, device):
-                coded = self.code(system, x, quality, [f"{name} image {start + i}" for i in range(len(x))], measure=False)
-                rows = coded.task_input
-                rows = ((rows * 255).round().byte() if self.eight_bit else rows.float()).permute(0, 2, 3, 1).cpu().numpy()
-                if arr is None:
-                    arr = np.lib.format.open_memmap(path, "w+", rows.dtype, (len(split), *rows.shape[1:]))
-                arr[start:start + len(x)] = rows
-                start += len(x)
+            arr = np.lib.format.open_memmap(path, "w+", first.dtype, (len(split), *first.shape[1:]))
+            for start in range(0, len(split), batch_size):
+                arr[start:start + batch_size] = coded[name][np.arange(start, min(start + batch_size, len(split)))]
             arr.flush()
             out.append(Split(np.load(path, mmap_mode="r"), np.asarray(split.labels)))
         return tuple(out)
+
+    def _rows(self, coded: Coded) -> np.ndarray:
+        """A coded batch as stored rows: (N, H, W, C), uint8 where `code` gives 8-bit images."""
+        x = coded.task_input
+        return ((x * 255).round().byte() if self.eight_bit else x.float()).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# Codes of train + val larger than this (GiB; TACTIC_CODE_CACHE_GIB) are not cached but made again
+# from the prepared images whenever training reads a batch: `agnostic` on ImageNet-50 at 300 px would
+# cache 70 GB of float32 images, the frozen latent modes on MINC-2500 at 384 px about 50 GB.
+CACHE_LIMIT_GIB = 2.0
+
+
+class CodedImages:
+    """A split's images as `mode.code` gives them, made when indexed (`images[idx]`, as `batches` reads)."""
+
+    def __init__(self, mode: Mode, system: System, quality, name: str, images: np.ndarray, device):
+        self.mode, self.system, self.quality, self.name, self.images, self.device = mode, system, quality, name, images, device
+
+    def __len__(self):
+        return len(self.images)
+
+    @torch.no_grad()
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        x = to_float(self.images[idx], self.device)
+        return self.mode._rows(self.mode.code(self.system, x, self.quality, [f"{self.name} image {i}" for i in idx], measure=False))
 
 
 # -- TACTIC's modes: a task network behind no codec, JPEG, or the TACTIC codec ---------------------
@@ -245,7 +272,7 @@ class _LatentMode(Mode):
 
 class _FrozenLatentMode(_LatentMode):
     """Codec fixed; the task network trains on what `code` gives (every image entropy coded to its own
-    bitstream and decoded back), cached once per image in memory-mapped .npy files, so any dataset fits."""
+    bitstream and decoded back), cached once per image in memory-mapped .npy files."""
     cached = True
 
     def plan(self, p, run, meta, data, models, device):
