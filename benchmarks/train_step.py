@@ -4,7 +4,8 @@
     python benchmarks/train_step.py [--threads 2] [--steps 30] [--repeats 3]
 
 For each network the shipped profiles train (the default's codec and small CNN, as `pretrain`,
-`agnostic`, `aware` and `uncompressed` put them together; the latent profile's hyperprior,
+`aware` and `uncompressed` put them together: `agnostic`, JPEG and the frozen latent modes train their
+task network alone, on cached codes, as `uncompressed` does; the latent profile's hyperprior,
 cResNet-39 on its 4x4 latents and ResNet-50 on 64x64 pixels): forward, loss, backward and the Adam
 steps of one batch, the two layouts interleaved, best of `--repeats`. Random inputs of the profiles'
 shapes: the arithmetic of a step does not depend on the values.
@@ -40,8 +41,6 @@ def systems(p) -> dict:
     return {
         "pretrain (codec)": (lambda: System(codec()), tactic_loss(False), (b, 1, 28, 28)),
         "aware (codec + small CNN)": (lambda: System(codec(), small()), tactic_loss(True), (b, 1, 28, 28)),
-        "agnostic (frozen codec + small CNN)": (lambda: System(codec(), small(), codec_frozen=True),
-                                                TacticLoss(0.0, 1.0, 0.0), (b, 1, 28, 28)),
         "uncompressed (small CNN)": (lambda: System(None, small()), TacticLoss(0.0, 1.0, 0.0), (b, 1, 28, 28)),
         "latent: hyperprior q4 (32, 48)": (lambda: System(Hyperprior(4, 1, 32, 48)), TacticLoss(0.013 * 255**2, 0.0, 1.0),
                                            (16, 1, 64, 64)),

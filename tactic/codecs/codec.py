@@ -90,14 +90,16 @@ class TacticCodec(CompressionModel):
             y_hat = quantize_ste(y - medians) + medians
         return {"x_hat": clamp_ste(self.g_s(y_hat)), "likelihoods": {"y": y_likelihoods}}
 
-    def compress(self, x: torch.Tensor) -> dict:
-        """One bitstream per image; `shape` is the latent size that `decompress` needs. With them the
-        entropy model's likelihoods of the same latents (eval mode: rounded, as `forward` gives them),
-        for the rate estimate beside the real one without a second encoder and decoder pass."""
+    def compress(self, x: torch.Tensor, likelihoods: bool = True) -> dict:
+        """One bitstream per image; `shape` is the latent size that `decompress` needs. With
+        `likelihoods`, the entropy model's likelihoods of the same latents (eval mode: rounded, as
+        `forward` gives them), for the rate estimate without a second encoder and decoder pass."""
         self._check_size(x)
         y = self.g_a(x)
-        return {"strings": [self.entropy_bottleneck.compress(y)], "shape": y.shape[-2:],
-                "likelihoods": {"y": self.entropy_bottleneck(y, training=False)[1]}}
+        out = {"strings": [self.entropy_bottleneck.compress(y)], "shape": y.shape[-2:]}
+        if likelihoods:
+            out["likelihoods"] = {"y": self.entropy_bottleneck(y, training=False)[1]}
+        return out
 
     def decompress(self, strings: list, shape) -> dict:
         y_hat = self.entropy_bottleneck.decompress(strings[0], shape)

@@ -212,7 +212,7 @@ class _TacticCodecMode(_TacticMode):
     def code(self, system, x, quality, names, measure=True):
         """The TACTIC codec's range coder: one bitstream per image, decoded back to pixels."""
         codec = system.codec
-        enc = codec.compress(x)
+        enc = codec.compress(x, likelihoods=measure)  # not when building training codes
         x_hat = codec.decompress(enc["strings"], enc["shape"])["x_hat"]
         return Coded(x_hat, bits=8 * sum(len(s) for s in enc["strings"][0]), decoded=x_hat,
                      bits_estimated=float(estimated_bpp(enc["likelihoods"], 1)) if measure else None)
