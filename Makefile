@@ -17,7 +17,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 run: setup data dvc-init
 	$(if $(PROFILE),$(VENV)/bin/tactic profile $(PROFILE))
 	@$(PY) -m stages.server start --wait 0
-	dvc repro
+	$(PY) -m pipeline.repro
 	@echo; cat results/table.md; echo; cat results/summary.md; echo "plot: $(CURDIR)/results/rate_accuracy.png"
 	@echo "browse the runs: start the MLflow UI and open its runs view:"; $(PY) -m tactic.mlflow_view
 

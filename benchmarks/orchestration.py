@@ -3,7 +3,8 @@
     python benchmarks/orchestration.py [--profile smoke] [--workers 2] [--skip cluster,kfp]
 
 Runs each in a fresh copy of the repo (so none finds another's outputs): first `dvc repro` (serial,
-DVC alone), then
+DVC alone, as `make run` runs it: `python -m pipeline.repro`, whose lock file libyaml writes, as
+every flow and KFP task's does), then
 - `flow`: the `tactic` flow on its own local Dask cluster (`--workers` single-threaded worker
   processes that the flow starts; a temporary Prefect server);
 - `cluster`: the same flow on a Dask cluster started beforehand as separate processes on loopback
@@ -107,7 +108,7 @@ def main():
             return repo, {**base, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/{name}.db", "PYTHONPATH": str(repo)}
 
         repo, env = checkout("dvc")
-        t_dvc = timed([BIN / "dvc", "repro"], repo, env)
+        t_dvc = timed([sys.executable, "-m", "pipeline.repro"], repo, env)
         print(f"profile {args.profile}: dvc repro {t_dvc:.1f} s", flush=True)
 
         def report(what, seconds, env, extra=""):

@@ -7,7 +7,10 @@ Against the same machine's `python -c pass`, measured in this run:
   (b) a no-op stage through the project's entry point: the stage-server hand-off, params validated,
       an MLflow run opened and closed; as a process of its own and served by the stage server;
   (c) DVC's own bookkeeping for one stage: `dvc repro -f` of a stage whose command is `python -c pass`;
-  (d) for each profile, a `dvc repro` in a fresh copy of the repo with the stage server: the time inside
+      and its update of a full-size lock file (`--lock`, by default this checkout's dvc.lock, e.g. after
+      `make run`): DVC's round-trip parse and write against pipeline.repro's libyaml ones;
+  (d) for each profile, `python -m pipeline.repro` (what `make run` runs: `dvc repro`) in a fresh copy
+      of the repo with the stage server: the time inside
       the training and evaluation loops (the `train_seconds` and `eval_seconds` the stages log to
       MLflow) over the wall time of `dvc repro`, the work fraction.
 The server used for (b) and (d) is a private one (its socket in a temporary folder), started here.
@@ -65,10 +68,36 @@ def work_seconds(db: Path) -> float:
     return float(sum(runs.get(f"metrics.{k}", 0).fillna(0).sum() for k in ("train_seconds", "eval_seconds")))
 
 
+def lock_update(lock: Path, repeats: int) -> None:
+    """What DVC does to dvc.lock after each stage (parse it, write it back), with DVC's round-trip YAML
+    and with pipeline.repro's libyaml, on the same lock."""
+    import io
+
+    from dvc.utils.serialize._yaml import _dump, parse_yaml_for_update
+    from pipeline.repro import dump_lock, parse_lock
+
+    text = lock.read_text()
+
+    def best(fn):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    slow = best(lambda: _dump(parse_yaml_for_update(text, lock), io.StringIO()))
+    fast = best(lambda: dump_lock(parse_lock(text, lock), io.StringIO()))
+    stages = len(parse_lock(text, lock).get("stages", {}))
+    print(f"    its update of {lock} ({len(text) / 1024:.0f} KB, {stages} stages): DVC's round-trip YAML "
+          f"{slow:.2f} s, libyaml (pipeline.repro) {fast:.2f} s  -> {slow / fast:.1f}x faster")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--profiles", default="smoke", help="comma-separated profiles for (d); 'default' takes ~11 min")
+    ap.add_argument("--profiles", default="smoke", help="comma-separated profiles for (d); 'default' takes ~14 min")
+    ap.add_argument("--lock", type=Path, default=ROOT / "dvc.lock", help="a dvc.lock for (c)'s lock update")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="tso", dir="/tmp", ignore_cleanup_errors=True) as tmp:  # the server may still log
         tmp = Path(tmp)
@@ -98,15 +127,17 @@ def main():
                   f"  -> {noop / served:.1f}x faster")
             print(f"(c) dvc repro -f of a `python -c pass` stage {dvc:6.2f} s  {dvc / base:5.1f}x  "
                   f"(DVC's own: {dvc - base:.2f} s a stage)")
+            if args.lock.is_file():
+                lock_update(args.lock, args.repeats)
             for profile in filter(None, args.profiles.split(",")):
                 repo = copy_repo(tmp / profile, profile)
                 db = tmp / f"{profile}.db"
                 t0 = time.perf_counter()
-                proc = subprocess.run([BIN / "dvc", "repro"], cwd=repo, env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"},
+                proc = subprocess.run([sys.executable, "-m", "pipeline.repro"], cwd=repo, env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"},
                                       capture_output=True, text=True)
                 wall = time.perf_counter() - t0
                 if proc.returncode:
-                    sys.exit(f"dvc repro ({profile}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                    sys.exit(f"pipeline.repro ({profile}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
                 stages = proc.stdout.count("Running stage")
                 work = work_seconds(db)
                 print(f"(d) {profile}: dvc repro {wall:.1f} s for {stages} stages, {work:.1f} s inside training and "

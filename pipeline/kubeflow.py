@@ -6,7 +6,7 @@
 The graph is DVC's own (`dvc.repo.Repo(...).index.graph` for the params in effect: run it after
 `tactic profile NAME`, or give `--profile`, which is applied to params.yaml first as `tactic profile`
 does), so the pipeline has exactly the stages of `dvc stage list` and the edges of `dvc dag`. Every
-task runs `dvc repro --single-item <stage>` in the project's image, in the repository checked out on
+task runs `dvc repro --single-item <stage>` (as `python -m pipeline.repro`) in the project's image, in the repository checked out on
 a shared volume (a PVC, mounted by kfp-kubernetes at `--workspace`), so DVC decides what is up to
 date, as in the Prefect flow; KFP's own caching is off, so no task reuses a result DVC would redo.
 The MLflow tracking URI comes from the cluster (`--mlflow-uri`, e.g. an MLflow tracking server).
@@ -48,7 +48,7 @@ def build(graph: dict[str, list[str]], image: str, pvc: str, workspace: str, mlf
     @dsl.container_component
     def dvc_stage(name: str):
         return dsl.ContainerSpec(image=image, command=["sh", "-c"],
-                                 args=[f'cd {workspace} && dvc repro --single-item "$0"', name])
+                                 args=[f'cd {workspace} && python -m pipeline.repro --single-item "$0"', name])
 
     @dsl.pipeline(name="tactic", description="The TACTIC experiment: every DVC stage of dvc.yaml, one task each")
     def tactic():

@@ -127,10 +127,10 @@ def run_guarded(command: list[str], cwd: str | Path, env: dict) -> subprocess.Co
 
 
 def run_dvc_stage(name: str, root: str | Path, env: dict, attempts: int = 30, command: list[str] | None = None) -> tuple[str, str]:
-    """`dvc repro -s <name>`; returns ("ran" | "skipped", output of every attempt). Lock conflicts with
+    """`dvc repro -s <name>` (through pipeline.repro); returns ("ran" | "skipped", output of every attempt). Lock conflicts with
     concurrent DVC processes are retried after a jittered, growing wait (so tasks that collided do not
     collide again); any other failure raises with the end of its output."""
-    command = command or [str(Path(sys.executable).parent / "dvc"), "repro", "-s", name]
+    command = command or [sys.executable, "-m", "pipeline.repro", "-s", name]  # `dvc repro -s`, its lock by libyaml
     outputs = []
     for attempt in range(attempts):
         proc = run_guarded(command, root, env)

@@ -313,5 +313,5 @@ def test_kubeflow_pipeline_of_every_profile_has_dvcs_stages_and_edges(tmp_path):
         assert (set(names.values()), edges) == _dot_graph(dag.stdout), profile
         task = next(iter(tasks.values()))
         executor = spec["deploymentSpec"]["executors"][task["componentRef"]["name"].replace("comp-", "exec-")]
-        assert "dvc repro --single-item" in " ".join(executor["container"]["args"]), profile
+        assert "python -m pipeline.repro --single-item" in " ".join(executor["container"]["args"]), profile
         assert task["cachingOptions"] == {} or not task["cachingOptions"].get("enableCache"), profile

@@ -1,4 +1,4 @@
-"""The pipeline as a user runs it: `dvc repro` on a copy of the repo with the tiny profile."""
+"""The pipeline as a user runs it: `dvc repro` (as `make run` runs it) on a copy of the repo with the tiny profile."""
 import json
 import os
 import subprocess
@@ -31,7 +31,8 @@ def test_dvc_repro_runs_the_grid_then_does_nothing(tmp_path, fmnist_root, _mlflo
     expected = {r.stage for r in pretrain_runs(p) + task_runs(p)} | {"prepare", "weights", "evaluate", "report"}
     assert set(listed.stdout.split()) == expected  # tactic.experiment.grid names stages exactly as DVC does
 
-    first = subprocess.run([BIN / "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    # As `make run` runs it (pipeline.repro: DVC's repro, its lock written by libyaml) ...
+    first = subprocess.run([sys.executable, "-m", "pipeline.repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "| aware | beta=0.004 |" in first.stdout
 
@@ -44,8 +45,9 @@ def test_dvc_repro_runs_the_grid_then_does_nothing(tmp_path, fmnist_root, _mlflo
     assert (repo / "results/rate_accuracy.png").stat().st_size > 10_000
     assert not list(repo.rglob(".*.tmp"))
 
+    # ... then DVC's own `dvc repro`, which reads that lock as its own. Nothing re-runs: only `weights`
+    # re-hashes the files params name (none here), as it always does.
     again = subprocess.run([BIN / "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-    # Nothing re-runs: only `weights` re-hashes the files params name (none here), as it always does.
     assert again.returncode == 0 and again.stdout.count("Running stage") == 1 and "Running stage 'weights'" in again.stdout
 
     mlflow.set_tracking_uri(_mlflow_db)

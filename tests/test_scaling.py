@@ -139,6 +139,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _stage_of(argv: list[str]):
+    """The stage a `python -m pipeline.repro -s <stage>` (or `.../dvc repro -s <stage>`) process runs."""
+    for i, arg in enumerate(argv[:3]):
+        if (arg == "pipeline.repro" or arg.endswith("/dvc") and argv[i + 1:i + 2] == ["repro"]) and "-s" in argv[i + 1:-1]:
+            return argv[argv.index("-s", i) + 1]
+    return None
+
+
 class Watcher(threading.Thread):
     """Every 0.1 s: which Dask worker runs which `dvc repro -s <stage>` (the worker is the process's
     ancestor). Once each worker has finished a stage, it SIGKILLs the worker of the first training
@@ -177,14 +185,14 @@ class Watcher(threading.Thread):
         """{stage: (its dvc pid, its worker's pid)} of the stages running now."""
         procs, running = _processes(), {}
         for pid, (_, argv) in procs.items():
-            for i in range(min(2, len(argv))):  # [python] .../dvc repro -s <stage>
-                if argv[i].endswith("/dvc") and argv[i + 1:i + 3] == ["repro", "-s"] and len(argv) > i + 3:
-                    worker = pid
-                    while worker in procs and worker > 1 and worker not in self.workers:
-                        worker = procs[worker][0]
-                    if worker in self.workers:
-                        self.started[worker].add(argv[i + 3])
-                        running[argv[i + 3]] = (pid, worker)
+            stage = _stage_of(argv)
+            if stage:
+                worker = pid
+                while worker in procs and worker > 1 and worker not in self.workers:
+                    worker = procs[worker][0]
+                if worker in self.workers:
+                    self.started[worker].add(stage)
+                    running[stage] = (pid, worker)
         return running
 
     def _query(self, sql, args=()):

@@ -1,0 +1,95 @@
+"""pipeline.repro: `dvc repro` whose dvc.lock libyaml reads and writes, the same lock as DVC's own writer."""
+import io
+import math
+import subprocess
+import sys
+
+import yaml
+
+from tests.helpers import BIN, REPO, subprocess_env
+
+# What a lock holds, with the values whose YAML spelling differs between writers if any does.
+PARAMS = {"model": {"N": 8, "weights": None, "relu": False, "name": "yes", "version": "2.0", "title": "Fashion-MNIST é"},
+          "lr": 0.0001, "tiny": 1e-05, "big": 1.5e+20, "betas": [0.02, 2.0], "empty": [], "seeds": [0, 1]}
+DVC_YAML = {"stages": {
+    "make": {"matrix": {"seed": "${seeds}"}, "cmd": "python -c \"open('out${item.seed}.txt', 'w').write('${item.seed}')\"",
+             "deps": ["in.txt"], "params": ["model", "lr", "tiny", "big", "betas", "empty"], "outs": ["out${item.seed}.txt"]},
+    "sum": {"cmd": "cat out0.txt out1.txt > sum.txt", "deps": ["out0.txt", "out1.txt"], "outs": [{"sum.txt": {"cache": False}}]},
+}}
+
+
+def _repo(path):
+    path.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    subprocess.run([BIN / "dvc", "init", "-q"], cwd=path, check=True)
+    (path / "params.yaml").write_text(yaml.safe_dump(PARAMS, allow_unicode=True))
+    (path / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML))
+    (path / "in.txt").write_text("x")
+    return path
+
+
+def test_a_run_through_pipeline_repro_writes_the_lock_dvc_writes(tmp_path):
+    env = subprocess_env("sqlite:///" + str(tmp_path / "unused.db"))
+    fast, plain = _repo(tmp_path / "fast"), _repo(tmp_path / "plain")
+    first = subprocess.run([sys.executable, "-m", "pipeline.repro"], cwd=fast, env={**env, "PYTHONPATH": str(REPO)},
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    subprocess.run([BIN / "dvc", "repro"], cwd=plain, env=env, check=True, capture_output=True)
+    assert (fast / "dvc.lock").read_text() == (plain / "dvc.lock").read_text()  # byte for byte
+    assert (fast / "sum.txt").read_text() == "01"
+    # DVC's own repro reads that lock as its own: nothing to do.
+    again = subprocess.run([BIN / "dvc", "repro"], cwd=fast, env=env, capture_output=True, text=True, check=True)
+    assert "Running stage" not in again.stdout and again.stdout.count("didn't change, skipping") == 3
+
+
+def test_the_libyaml_writer_keeps_the_data_where_its_layout_differs():
+    from dvc.utils.serialize._yaml import _dump, parse_yaml_for_update
+
+    from pipeline.repro import dump_lock, parse_lock
+
+    lock = {"schema": "2.0", "stages": {"report": {"cmd": "python -m stages.report", "params": {"params.yaml": {
+        "report": {"title": "TACTIC segmentation on the embedded canvases (Fashion-MNIST items), a title too long for a line"}}}}}}
+    theirs, ours = io.StringIO(), io.StringIO()
+    _dump(lock, theirs)
+    dump_lock(lock, ours)
+    assert ours.getvalue() != theirs.getvalue()  # the long line wraps at another word
+    assert parse_lock(ours.getvalue(), "dvc.lock") == parse_yaml_for_update(theirs.getvalue(), "dvc.lock") == lock
+
+
+def test_only_the_lock_changes_writer(tmp_path):
+    import dvc.dvcfile
+
+    from pipeline.repro import use_fast_lock
+
+    use_fast_lock()
+    use_fast_lock()  # idempotent: one wrapper, over DVC's own
+    assert not hasattr(dvc.dvcfile.modify_yaml.dvc_modify_yaml, "dvc_modify_yaml")
+    dvc_yaml = tmp_path / "dvc.yaml"
+    dvc_yaml.write_text("stages:\n  a:  # a comment DVC's round-trip writer keeps\n    cmd: echo\n")
+    with dvc.dvcfile.modify_yaml(dvc_yaml) as data:
+        data["stages"]["a"]["cmd"] = "echo a"
+    assert "# a comment DVC's round-trip writer keeps" in dvc_yaml.read_text()
+    lock = tmp_path / "dvc.lock"
+    lock.write_text("schema: '2.0'\nstages: {}\n")
+    with dvc.dvcfile.modify_yaml(lock) as data:
+        data["stages"]["a"] = {"cmd": "echo a"}
+    assert lock.read_text() == "schema: '2.0'\nstages:\n  a:\n    cmd: echo a\n"
+
+
+def test_every_value_reads_back_as_dvc_reads_it():
+    """Strings YAML 1.1 and 1.2 disagree on (DVC reads 1.2), and every scalar type a lock holds."""
+    from dvc.utils.serialize._yaml import parse_yaml
+
+    from pipeline.repro import dump_lock
+
+    values = ["yes", "no", "on", "off", "y", "0o17", "012", "1e5", "1:20", "0b11", "0x1F", "1_000", "~", "null", "",
+              "true", "True", ".inf", "-.5", "+1", "2.0", "2026-12-02", "<<", "=", "a: b", "# x", "é", "two words",
+              None, True, False, 0, -3, 10**20, 0.1, 1e-05, 1.5e+20, float("inf"), float("-inf"), [], {}, [1, "1"]]
+    lock = {"stages": {f"s{i}": {"params": {"params.yaml": {"v": v}}} for i, v in enumerate(values)}}
+    out = io.StringIO()
+    dump_lock(lock, out)
+    back = parse_yaml(out.getvalue(), "dvc.lock")
+    assert [back["stages"][f"s{i}"]["params"]["params.yaml"]["v"] for i in range(len(values))] == values
+    nan = io.StringIO()
+    dump_lock({"v": float("nan")}, nan)
+    assert math.isnan(parse_yaml(nan.getvalue(), "dvc.lock")["v"])
