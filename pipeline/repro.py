@@ -69,7 +69,8 @@ def dump_lock(data, stream) -> None:
 
 
 def use_fast_lock() -> None:
-    """Route DVC's edits of `dvc.lock` through libyaml (idempotent); other files keep DVC's writer."""
+    """Route DVC's edits of `dvc.lock` through libyaml (idempotent); other files keep DVC's writer.
+    Raises ImportError or AttributeError where DVC's internals are not where DVC 3.67 has them."""
     import dvc.dvcfile
     from dvc.utils.serialize._common import _modify_data
 
@@ -87,7 +88,10 @@ def use_fast_lock() -> None:
 def main(argv=None) -> int:
     from dvc.cli import main as dvc_main
 
-    use_fast_lock()
+    try:
+        use_fast_lock()
+    except (ImportError, AttributeError) as err:  # another DVC than pyproject pins: its own writer, said once
+        print(f"pipeline.repro: DVC's lock writer left as it is ({type(err).__name__}: {err})", file=sys.stderr)
     return dvc_main(["repro", *(sys.argv[1:] if argv is None else argv)])
 
 

@@ -93,3 +93,14 @@ def test_every_value_reads_back_as_dvc_reads_it():
     nan = io.StringIO()
     dump_lock({"v": float("nan")}, nan)
     assert math.isnan(parse_yaml(nan.getvalue(), "dvc.lock")["v"])
+
+
+def test_another_dvc_without_those_internals_runs_with_its_own_writer(tmp_path, monkeypatch, capsys):
+    import dvc.dvcfile
+
+    from pipeline import repro
+
+    monkeypatch.delattr(dvc.dvcfile, "modify_yaml")
+    monkeypatch.setattr("dvc.cli.main", lambda argv: 0 if argv == ["repro", "-s", "x"] else 1)
+    assert repro.main(["-s", "x"]) == 0
+    assert "DVC's lock writer left as it is (AttributeError" in capsys.readouterr().err
