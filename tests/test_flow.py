@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tactic.profiles import resolve_params, write_params
-from pipeline.stages import StageFailed, run_dvc_stage, stage_env, stage_graph
+from pipeline.stages import StageFailed, alone, run_dvc_stage, stage_env, stage_graph
 from tactic.config import ParamsError, parse_params
 from tests.helpers import BIN, REPO, copy_repo, repo_params
 
@@ -60,6 +60,7 @@ def test_stage_graph_matches_dvc_yaml(tmp_path, extra):
     assert set(graph) == set(listed.stdout.split())
     order = list(graph)
     assert all(order.index(n) < order.index(s) for s, needs in graph.items() for n in needs)
+    assert alone(graph) == {"evaluate", "report"}  # the stages the flow gives every core (prepare runs beside weights)
     if not extra:
         assert graph["train_aware@0.1-1"] == ["prepare", "weights", "pretrain@0.1-1"]
     elif extra is LATENT_RUN:
