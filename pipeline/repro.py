@@ -52,12 +52,6 @@ _LockDumper.add_representer(type(None), lambda dumper, _: dumper.represent_scala
 _LockDumper.add_representer(OrderedDict, yaml.SafeDumper.represent_dict)  # as DVC's writer does
 
 
-def parse_lock(text: str, path) -> dict:
-    from dvc.utils.serialize._yaml import parse_yaml
-
-    return parse_yaml(text, path)  # typ="safe": as DVC reads the lock before it runs anything
-
-
 def dump_lock(data, stream) -> None:
     try:
         text = yaml.dump(data, Dumper=_LockDumper, default_flow_style=False, sort_keys=False, allow_unicode=True)
@@ -73,13 +67,14 @@ def use_fast_lock() -> None:
     Raises ImportError or AttributeError where DVC's internals are not where DVC 3.67 has them."""
     import dvc.dvcfile
     from dvc.utils.serialize._common import _modify_data
+    from dvc.utils.serialize._yaml import parse_yaml  # typ="safe": as DVC reads the lock before it runs anything
 
     original = getattr(dvc.dvcfile.modify_yaml, "dvc_modify_yaml", dvc.dvcfile.modify_yaml)
 
     def modify_yaml(path, fs=None):
         if os.path.basename(os.fspath(path)) != LOCK_NAME:
             return original(path, fs=fs)
-        return _modify_data(path, parse_lock, dump_lock, fs=fs)
+        return _modify_data(path, parse_yaml, dump_lock, fs=fs)
 
     modify_yaml.dvc_modify_yaml = original
     dvc.dvcfile.modify_yaml = modify_yaml

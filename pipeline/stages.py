@@ -46,22 +46,18 @@ def stage_graph(p: Params) -> dict[str, list[str]]:
 def alone(graph: dict[str, list[str]]) -> set[str]:
     """The stages nothing can run beside: every other stage is one they need or one that needs them
     (evaluate and report; not prepare, which `weights` runs beside)."""
-    def closure(edges):
-        seen = {name: set() for name in graph}
-        for name in graph:  # the graph is in a runnable order (stage_graph): one pass over it suffices
-            for other in edges[name]:
-                seen[name] |= {other} | seen[other]
-        return seen
-
-    needed = closure(graph)
     users = {name: [] for name in graph}
     for name, needs in graph.items():
         for need in needs:
             users[need].append(name)
-    needing = {name: set() for name in graph}
-    for name in reversed(list(graph)):
-        for user in users[name]:
-            needing[name] |= {user} | needing[user]
+
+    def reach(edges: dict, order) -> dict[str, set]:  # `order` visits every edge's far end first
+        seen = {}
+        for name in order:
+            seen[name] = set().union(*({other} | seen[other] for other in edges[name]))
+        return seen
+
+    needed, needing = reach(graph, list(graph)), reach(users, reversed(list(graph)))  # graph: in a runnable order
     return {name for name in graph if len(needed[name]) + len(needing[name]) == len(graph) - 1}
 
 

@@ -44,7 +44,7 @@ def test_bitstream_round_trip_matches_inference_forward():
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         ref = codec(x)
-        enc = codec.compress(x)
+        enc = codec.compress(x, likelihoods=True)
         dec = codec.decompress(enc["strings"], enc["shape"])
     assert len(enc["strings"][0]) == 4  # one stream per image
     assert torch.allclose(dec["x_hat"], ref["x_hat"].clamp(0, 1), atol=1e-6)

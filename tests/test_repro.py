@@ -43,9 +43,9 @@ def test_a_run_through_pipeline_repro_writes_the_lock_dvc_writes(tmp_path):
 
 
 def test_the_libyaml_writer_keeps_the_data_where_its_layout_differs():
-    from dvc.utils.serialize._yaml import _dump, parse_yaml_for_update
+    from dvc.utils.serialize._yaml import _dump, parse_yaml, parse_yaml_for_update
 
-    from pipeline.repro import dump_lock, parse_lock
+    from pipeline.repro import dump_lock
 
     lock = {"schema": "2.0", "stages": {"report": {"cmd": "python -m stages.report", "params": {"params.yaml": {
         "report": {"title": "TACTIC segmentation on the embedded canvases (Fashion-MNIST items), a title too long for a line"}}}}}}
@@ -53,7 +53,7 @@ def test_the_libyaml_writer_keeps_the_data_where_its_layout_differs():
     _dump(lock, theirs)
     dump_lock(lock, ours)
     assert ours.getvalue() != theirs.getvalue()  # the long line wraps at another word
-    assert parse_lock(ours.getvalue(), "dvc.lock") == parse_yaml_for_update(theirs.getvalue(), "dvc.lock") == lock
+    assert parse_yaml(ours.getvalue(), "dvc.lock") == parse_yaml_for_update(theirs.getvalue(), "dvc.lock") == lock
 
 
 def test_only_the_lock_changes_writer(tmp_path):

@@ -90,7 +90,7 @@ class TacticCodec(CompressionModel):
             y_hat = quantize_ste(y - medians) + medians
         return {"x_hat": clamp_ste(self.g_s(y_hat)), "likelihoods": {"y": y_likelihoods}}
 
-    def compress(self, x: torch.Tensor, likelihoods: bool = True) -> dict:
+    def compress(self, x: torch.Tensor, likelihoods: bool = False) -> dict:
         """One bitstream per image; `shape` is the latent size that `decompress` needs. With
         `likelihoods`, the entropy model's likelihoods of the same latents (eval mode: rounded, as
         `forward` gives them), for the rate estimate without a second encoder and decoder pass."""
