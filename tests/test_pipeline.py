@@ -101,20 +101,43 @@ def test_train_before_prepare_says_which_stage(tmp_path):
     assert out.returncode == 2 and "run the prepare stage first" in out.stderr
 
 
+# Prints {entry: [files of the project modules it imports]}: the third-party libraries are imported
+# once, as the stage server does, then each entry is imported in a fork of its own, so that what one
+# entry imports never hides what another needs.
+IMPORTS = """
+import importlib, json, os, sys
+from stages.server import PRELOAD
+
+for name in PRELOAD:
+    importlib.import_module(name)
+found = {}
+for entry in sys.argv[1:]:
+    read, write = os.pipe()
+    if os.fork() == 0:
+        importlib.import_module(entry)
+        files = [m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None) and m.__name__.startswith(("tactic", "stages"))]
+        with os.fdopen(write, "w") as out:
+            json.dump(sorted(files), out)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as got:
+        found[entry] = json.load(got)
+    assert os.waitstatus_to_exitcode(os.waitpid(-1, 0)[1]) == 0, entry
+print(json.dumps(found))
+"""
+
+
 def test_each_stage_depends_on_every_module_it_imports_and_not_on_the_report(tmp_path):
     """DVC re-runs a stage when a dep changes: a module a stage imports but does not list would let
     stale results pass; and the report's code (which training never imports) must not re-train."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    seen = {}
-    for name, entry in [("prepare", "stages.prepare"), ("pretrain", "stages.pretrain"), ("train_aware", "stages.train"),
-                        ("train_latent_joint", "stages.train"), ("evaluate", "stages.evaluate"), ("report", "stages.report")]:
-        listing = ("print('\\n'.join(sorted(m.__file__ for m in list(sys.modules.values()) "
-                   "if getattr(m, '__file__', None) and m.__name__.startswith(('tactic', 'stages')))))")
-        script = f"import sys, {entry}; {listing}"
-        if entry not in seen:
-            seen[entry] = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True,
-                                         env={**os.environ, "TACTIC_STAGE_SERVER": "0"}).stdout
-        imported = {str(Path(f).relative_to(REPO)) for f in seen[entry].split()}
+    checked = [("prepare", "stages.prepare"), ("pretrain", "stages.pretrain"), ("train_aware", "stages.train"),
+               ("train_latent_joint", "stages.train"), ("evaluate", "stages.evaluate"), ("report", "stages.report")]
+    out = subprocess.run([sys.executable, "-c", IMPORTS, *dict(checked).values()], cwd=REPO, capture_output=True, text=True,
+                         check=True, env={**os.environ, "TACTIC_STAGE_SERVER": "0"})
+    seen = json.loads(out.stdout)
+    for name, entry in checked:
+        imported = {str(Path(f).relative_to(REPO)) for f in seen[entry]}
         imported = {f for f in imported if f not in ("stages/__init__.py", "stages/server.py", "stages/cli.py", "tactic/__init__.py")}
         deps = [d for d in stages[name]["deps"] if d.startswith(("tactic", "stages"))]
         missing = [f for f in imported if not any(f == d or f.startswith(d + "/") for d in deps)]
