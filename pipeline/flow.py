@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import threading
 import time
 from typing import Optional
 
 from prefect import flow, get_run_logger, task
-from prefect.context import FlowRunContext
 from prefect.futures import wait
 from prefect.runtime import flow_run as current_flow_run
 from prefect_dask import DaskTaskRunner
@@ -70,11 +68,6 @@ def tactic(profile: Optional[str] = None, dataset: Optional[str] = None, seeds: 
     root = ROOT
     raw = resolve_params(root, profile, dataset, seeds, betas, params)
     write_params(root / "params.yaml", raw)
-    # The task runner starts its Dask cluster (or connects to one) at the first submit; starting it
-    # now lets its worker processes come up while this one imports torch and opens the MLflow run.
-    runner = FlowRunContext.get().task_runner
-    connecting = threading.Thread(target=lambda: runner.client, name="dask-connect", daemon=True)
-    connecting.start()
     graph = stage_graph(parse_params(raw))
     flow_run_id = str(current_flow_run.id or "local")
     with tracking.start_run(f"flow {current_flow_run.name or 'local'}", None, {"profile": profile, "stages": len(graph)},
@@ -84,7 +77,6 @@ def tactic(profile: Optional[str] = None, dataset: Optional[str] = None, seeds: 
         workers = int(os.environ.get("TACTIC_DASK_WORKERS", 0)) or os.cpu_count()
         env = stage_env({"TACTIC_PARENT_RUN_ID": parent.info.run_id, "TACTIC_THREADS": str(max(1, os.cpu_count() // workers))})
         lone = alone(graph)
-        connecting.join()  # a failure there is raised again by the first submit
         futures = {}
         for name, needs in graph.items():
             stage = {**env, "TACTIC_THREADS": str(os.cpu_count())} if name in lone else env
