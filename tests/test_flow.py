@@ -301,7 +301,8 @@ def test_kubeflow_pipeline_of_every_profile_has_dvcs_stages_and_edges(tmp_path):
     for profile in sorted(f.stem for f in PROFILES.glob("*.yaml")):
         write_params(repo / "params.yaml", resolve_params(REPO, profile=profile))
         # In a thread of its own: kfp calls inspect.stack() for every env var it sets on a task, which
-        # under pytest's deep stack costs ~0.2 s each (most of this test's time); a new thread's is short.
+        # under pytest's deep stack cost up to ~0.3 s each (most of this test's time); a new thread's
+        # stack is short.
         with ThreadPoolExecutor(1) as thread:
             thread.submit(compile_pipeline, tmp_path / f"{profile}.yaml", repo).result()
         spec, platform = yaml.safe_load_all((tmp_path / f"{profile}.yaml").read_text())  # kfp-kubernetes: the PVC

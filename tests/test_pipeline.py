@@ -133,7 +133,7 @@ def test_each_stage_depends_on_every_module_it_imports_and_not_on_the_report(tmp
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     checked = [("prepare", "stages.prepare"), ("pretrain", "stages.pretrain"), ("train_aware", "stages.train"),
                ("train_latent_joint", "stages.train"), ("evaluate", "stages.evaluate"), ("report", "stages.report")]
-    out = subprocess.run([sys.executable, "-c", IMPORTS, *dict(checked).values()], cwd=REPO, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", IMPORTS, *sorted({entry for _, entry in checked})], cwd=REPO, capture_output=True, text=True,
                          check=True, env={**os.environ, "TACTIC_STAGE_SERVER": "0"})
     seen = json.loads(out.stdout)
     for name, entry in checked:
