@@ -14,10 +14,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: run test serve setup data dvc-init clean
 
 # PROFILE=<name> first merges profiles/<name>.yaml into params.yaml (e.g. segmentation, smoke).
+# JOBS: stages at a time (pipeline/repro.py --jobs): auto = one per core, each on cores // JOBS torch
+# threads (one at a time where the stages use a GPU); JOBS=1 is plain `dvc repro`.
+JOBS ?= auto
 run: setup data dvc-init
 	$(if $(PROFILE),$(VENV)/bin/tactic profile $(PROFILE))
 	@$(PY) -m stages.server start --wait 0
-	$(PY) -m pipeline.repro
+	$(PY) -m pipeline.repro --jobs $(JOBS)
 	@echo; cat results/table.md; echo; cat results/summary.md; echo "plot: $(CURDIR)/results/rate_accuracy.png"
 	@echo "browse the runs: start the MLflow UI and open its runs view:"; $(PY) -m tactic.mlflow_view
 

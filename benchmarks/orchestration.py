@@ -5,13 +5,15 @@
 Runs each in a fresh copy of the repo (so none finds another's outputs): first `dvc repro` (serial,
 DVC alone, as `make run` runs it: `python -m pipeline.repro`, whose lock file libyaml writes, as
 every flow and KFP task's does), then
+- `jobs`: `python -m pipeline.repro --jobs WORKERS`, the same stages `--workers` at a time, each a
+  `dvc repro -s` of its own with cores // workers torch threads (what `make run` runs since then);
 - `flow`: the `tactic` flow on its own local Dask cluster (`--workers` single-threaded worker
   processes that the flow starts; a temporary Prefect server);
 - `cluster`: the same flow on a Dask cluster started beforehand as separate processes on loopback
   (`dask scheduler`, `--workers` x `dask worker --nthreads 1`), given by `--dask-address`, as on a
   real cluster; the time to start the cluster is printed apart, not counted;
 - `kfp`: `tactic kubeflow run-local`, DVC's graph through kfp.local (one task at a time),
-and prints each wall time as a ratio to `dvc repro`'s in the same run, and for the flows how many
+and prints each wall time as a ratio to `dvc repro`'s in the same run, and for the parallel legs how many
 training stages ran at once (the most MLflow stage runs open at the same moment). On the smoke profile
 the ratios show what Prefect, Dask and KFP add; on the default profile, whether the fan-out over the
 cores beats DVC's serial run.
@@ -89,7 +91,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="smoke")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
-    ap.add_argument("--skip", default="", help="comma-separated: flow, cluster, kfp (dvc repro always runs)")
+    ap.add_argument("--skip", default="", help="comma-separated: jobs, flow, cluster, kfp (dvc repro always runs)")
     args = ap.parse_args()
     skip = {s for s in args.skip.split(",") if s}
     # Every engine runs its stages as `make run` does, forked from the stage server (the flow would
@@ -112,9 +114,13 @@ def main():
         print(f"profile {args.profile}: dvc repro {t_dvc:.1f} s", flush=True)
 
         def report(what, seconds, env, extra=""):
-            at_once = f"; training stages at once: at most {most_at_once(env['MLFLOW_TRACKING_URI'])}" if "flow" in what else ""
+            at_once = f"; training stages at once: at most {most_at_once(env['MLFLOW_TRACKING_URI'])}" if "kfp" not in what else ""
             print(f"  {what}: {seconds:.1f} s, ratio to dvc repro {seconds / t_dvc:.2f}{at_once}{extra}", flush=True)
 
+        if "jobs" not in skip:
+            repo, env = checkout("jobs")
+            report(f"pipeline.repro --jobs {args.workers}",
+                   timed([sys.executable, "-m", "pipeline.repro", "--jobs", str(args.workers)], repo, env), env)
         if "flow" not in skip:
             repo, env = checkout("flow")
             report(f"Prefect flow, its own local Dask cluster ({args.workers} workers)",

@@ -9,7 +9,8 @@ Against the same machine's `python -c pass`, measured in this run:
   (c) DVC's own bookkeeping for one stage: `dvc repro -f` of a stage whose command is `python -c pass`;
       and its update of a full-size lock file (`--lock`, by default this checkout's dvc.lock, e.g. after
       `make run`): DVC's round-trip parse and write against pipeline.repro's libyaml ones;
-  (d) for each profile, `python -m pipeline.repro` (what `make run` runs: `dvc repro`) in a fresh copy
+  (d) for each profile, `python -m pipeline.repro` (serial `dvc repro`; `make run` runs `--jobs`, whose
+      stages overlap, so their loop times add up to more than the wall time) in a fresh copy
       of the repo with the stage server: the time inside
       the training and evaluation loops (the `train_seconds` and `eval_seconds` the stages log to
       MLflow) over the wall time of `dvc repro`, the work fraction.

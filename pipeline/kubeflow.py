@@ -26,19 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeline.stages import dvc_graph
 from tactic.config import ROOT
-
-
-def dvc_graph(root: Path = ROOT) -> dict[str, list[str]]:
-    """{stage entry: the entries it depends on}, from DVC itself."""
-    import warnings
-
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo, warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # DVC's own internals (pygtrie), hundreds per graph
-        graph = repo.index.graph  # edges go from a stage to the stages whose outputs it reads
-        return {stage.name: sorted(dep.name for dep in graph.successors(stage)) for stage in graph.nodes}
 
 
 def build(graph: dict[str, list[str]], image: str, pvc: str, workspace: str, mlflow_uri: str):
@@ -53,7 +42,7 @@ def build(graph: dict[str, list[str]], image: str, pvc: str, workspace: str, mlf
     @dsl.pipeline(name="tactic", description="The TACTIC experiment: every DVC stage of dvc.yaml, one task each")
     def tactic():
         tasks = {}
-        for name in _topological(graph):
+        for name in graph:
             task = dvc_stage(name=name).set_display_name(name).set_caching_options(False)
             task.set_env_variable("MLFLOW_TRACKING_URI", mlflow_uri)
             kubernetes.mount_pvc(task, pvc_name=pvc, mount_path=workspace)
@@ -62,21 +51,6 @@ def build(graph: dict[str, list[str]], image: str, pvc: str, workspace: str, mlf
             tasks[name] = task
 
     return tactic
-
-
-def _topological(graph: dict[str, list[str]]) -> list[str]:
-    order, seen = [], set()
-
-    def visit(name):
-        if name not in seen:
-            seen.add(name)
-            for need in graph[name]:
-                visit(need)
-            order.append(name)
-
-    for name in sorted(graph):
-        visit(name)
-    return order
 
 
 def _local_stage(name: str, root: str) -> str:
@@ -104,7 +78,7 @@ def build_local(graph: dict[str, list[str]], root: Path):
     @dsl.pipeline(name="tactic-local", description="The TACTIC experiment through kfp.local: every DVC stage, one task each")
     def tactic():
         tasks = {}
-        for name in _topological(graph):
+        for name in graph:
             task = stage(name=name, root=str(root)).set_caching_options(False)
             for need in graph[name]:
                 task.after(tasks[need])
@@ -140,7 +114,7 @@ def run_local(root: Path = ROOT, pipeline_root: Path | None = None) -> dict[str,
         raise StageFailed(f"{err} Stage: {', '.join(failed) or 'unknown'}; its output is in the log above") from err
     run = max(pipeline_root.glob("tactic-local-*"), key=lambda d: d.stat().st_mtime)  # this run's task outputs
     outputs = {key: json.loads((run / key / "executor_output.json").read_text())["parameterValues"]["Output"] for key in stages}
-    order = {name: i for i, name in enumerate(_topological(graph))}
+    order = {name: i for i, name in enumerate(graph)}
     return dict(sorted(((stages[key], status) for key, status in outputs.items()), key=lambda kv: order[kv[0]]))
 
 

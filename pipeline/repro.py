@@ -1,6 +1,13 @@
 """`dvc repro` with DVC's lock file read and written by libyaml: the same stages, the same `dvc.lock`.
 
-    python -m pipeline.repro [dvc repro options]      # what `make run`, the flow's tasks and KFP's run
+    python -m pipeline.repro [dvc repro options]      # what the flow's tasks and KFP's run
+    python -m pipeline.repro --jobs auto              # what `make run` runs: the stages, one per core at a time
+
+`--jobs N` (or `auto`, below) runs the stages of DVC's graph N at a time (`parallel`), each as
+`pipeline.repro -s <stage>`: DVC's semantics, stage by stage. On 2 cores two single-threaded
+stages at once do 1.3-1.5x the training of one stage on both cores (benchmarks/train_step.py);
+the results then come from torch at cores // N threads, which rounds differently from 2 threads
+in the last bits of a float (`threads` in params.yaml fixes the count for every runner).
 
 After every stage DVC re-reads and rewrites the whole `dvc.lock` with ruamel's round-trip YAML
 (pure Python, kept so comments in hand-edited YAML survive), so its bookkeeping grows with the lock,
@@ -18,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from collections import OrderedDict
 
 import yaml
@@ -80,14 +88,99 @@ def use_fast_lock() -> None:
     dvc.dvcfile.modify_yaml = modify_yaml
 
 
+def parallel(root: str, jobs: int) -> int:
+    """Every stage of DVC's graph, `jobs` at a time: each as `python -m pipeline.repro -s <stage>` (so
+    DVC decides, stage by stage, what is up to date and records it in dvc.lock, as `dvc repro` does)
+    once the stages it needs have ended; DVC's lock conflicts between them are retried
+    (`run_dvc_stage`). Each stage gets cores // jobs torch threads (`TACTIC_THREADS`; a stage nothing
+    can run beside, `evaluate` or `report`, gets them all). Stages that more stages wait on start
+    first, then those deeper in the graph, so the short leaves (JPEG, uncompressed) fill the end.
+    After a failure no stage starts; those running end, and the run exits 1 with the failed
+    stage's output. A stage never outlives this process (`run_guarded`)."""
+    import concurrent.futures as cf
+
+    from pipeline.stages import RETRIED, StageFailed, alone, dvc_graph, run_dvc_stage, stage_env
+
+    started = time.monotonic()
+    graph = dvc_graph(root)
+    lone, cores = alone(graph), os.cpu_count() or 1
+    users: dict[str, set] = {name: set() for name in graph}
+    for name in reversed(list(graph)):  # a stage's users come after it: all of them are known first
+        for need in graph[name]:
+            users[need] |= {name} | users[name]
+    depth: dict[str, int] = {}
+    for name, needs in graph.items():
+        depth[name] = 1 + max((depth[n] for n in needs), default=0)
+    threads = os.environ.get("TACTIC_THREADS") or str(max(1, cores // jobs))
+    statuses: dict[str, str] = {}
+    running: dict[cf.Future, str] = {}
+    failed: list[StageFailed] = []
+
+    def start(pool, name):
+        env = stage_env({"TACTIC_THREADS": str(cores) if name in lone else threads})
+        running[pool.submit(run_dvc_stage, name, root, env)] = name
+        print(f"[{len(statuses) + len(running)}/{len(graph)}] {name} started", flush=True)
+
+    with cf.ThreadPoolExecutor(jobs) as pool:
+        try:
+            while True:
+                ready = [name for name in graph if name not in statuses and name not in running.values()
+                         and all(statuses.get(n) in ("ran", "skipped") for n in graph[name])]
+                for name in sorted(ready, key=lambda n: (-len(users[n]), -depth[n]))[:0 if failed else jobs - len(running)]:
+                    start(pool, name)
+                if not running:
+                    break
+                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    name = running.pop(future)
+                    try:
+                        statuses[name], output = future.result()
+                        print(output.rsplit(RETRIED, 1)[-1].rstrip(), flush=True)  # the attempt that ran
+                    except StageFailed as err:
+                        statuses[name] = "failed"
+                        failed.append(err)
+                        print(f"{err.output.rsplit(RETRIED, 1)[-1].rstrip()}\nerror: {name} failed; the stages running "
+                              f"beside it end, no other starts", file=sys.stderr, flush=True)
+        except KeyboardInterrupt:  # the stages got Ctrl-C too (same terminal); else leaving closes their guards' pipes
+            print("interrupted: stopping the running stages", file=sys.stderr, flush=True)
+            cf.wait(running, timeout=15)
+            os._exit(130)
+    ran = sum(s == "ran" for s in statuses.values())
+    print(f"{ran} stages ran, {sum(s == 'skipped' for s in statuses.values())} up to date, {len(failed)} failed, "
+          f"{len(graph) - len(statuses)} not started; {jobs} at a time, {time.monotonic() - started:.0f} s", flush=True)
+    return 1 if failed else 0
+
+
+def jobs_for(value: str, root: str = ".") -> int:
+    """`--jobs`: a number, or `auto`: one stage per core on CPU; one at a time where the stages use a
+    GPU (params `device: cuda`, or `auto` with an NVIDIA device present), which they would share."""
+    if value != "auto":
+        if not value.isdigit() or int(value) < 1:
+            raise SystemExit(f"pipeline.repro: --jobs takes a positive number or auto, not {value!r}")
+        return int(value)
+    with open(os.path.join(root, "params.yaml")) as f:
+        device = (yaml.safe_load(f) or {}).get("device", "auto")
+    gpu = device == "cuda" or (device == "auto" and any(name.startswith("nvidia") and name[6:].isdigit() for name in os.listdir("/dev")))
+    return 1 if gpu else os.cpu_count() or 1
+
+
 def main(argv=None) -> int:
     from dvc.cli import main as dvc_main
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    jobs = 1
+    if argv[:1] == ["--jobs"] or argv[:1] and argv[0].startswith("--jobs="):
+        value = argv.pop(0).partition("=")[2] or (argv.pop(0) if argv else "")
+        jobs = jobs_for(value)
+        if jobs > 1 and argv:
+            raise SystemExit("pipeline.repro: --jobs runs the whole pipeline; DVC's own options go without it")
     try:
         use_fast_lock()
     except (ImportError, AttributeError) as err:  # another DVC than pyproject pins: its own writer, said once
         print(f"pipeline.repro: DVC's lock writer left as it is ({type(err).__name__}: {err})", file=sys.stderr)
-    return dvc_main(["repro", *(sys.argv[1:] if argv is None else argv)])
+    if jobs > 1:
+        return parallel(os.getcwd(), jobs)
+    return dvc_main(["repro", *argv])
 
 
 if __name__ == "__main__":

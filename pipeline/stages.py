@@ -22,10 +22,13 @@ if TYPE_CHECKING:  # running a stage needs the standard library only: a KFP task
 # DVC's two lock errors: the repository lock (one `dvc` command at a time changes .dvc/), and the
 # rwlock of a stage's paths (another stage is writing what this one reads, or the reverse).
 LOCK_MESSAGES = ("Unable to acquire lock", "is busy, it is being blocked by")
+RETRIED = "\n(retried: another DVC process held the lock)\n"  # between the outputs of a stage's attempts
 
 
 class StageFailed(RuntimeError):
-    pass
+    def __init__(self, message: str, output: str = ""):
+        super().__init__(message)
+        self.output = output  # everything the stage printed, for who shows it whole
 
 
 def stage_graph(p: Params) -> dict[str, list[str]]:
@@ -41,6 +44,30 @@ def stage_graph(p: Params) -> dict[str, list[str]]:
     graph["evaluate"] = [r.stage for r in runs]
     graph["report"] = ["evaluate"]
     return graph
+
+
+def dvc_graph(root: str | Path) -> dict[str, list[str]]:
+    """{stage entry: the entries it depends on}, from DVC itself, in a runnable order (each stage
+    after the stages it needs; otherwise by name)."""
+    import warnings
+
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # DVC's own internals (pygtrie), hundreds per graph
+        graph = repo.index.graph  # edges go from a stage to the stages whose outputs it reads
+        needs = {stage.name: sorted(dep.name for dep in graph.successors(stage)) for stage in graph.nodes}
+    order: dict[str, list[str]] = {}
+
+    def visit(name):
+        if name not in order:
+            for need in needs[name]:
+                visit(need)
+            order[name] = needs[name]
+
+    for name in sorted(needs):
+        visit(name)
+    return order
 
 
 def alone(graph: dict[str, list[str]]) -> set[str]:
@@ -155,9 +182,9 @@ def run_dvc_stage(name: str, root: str | Path, env: dict, attempts: int = 30, co
         output = proc.stdout + proc.stderr
         outputs.append(output)
         if proc.returncode == 0:
-            return ("skipped" if "didn't change, skipping" in output else "ran"), "\n".join(outputs)
+            return ("skipped" if "didn't change, skipping" in output else "ran"), RETRIED.join(outputs)
         if not any(m in output for m in LOCK_MESSAGES):
-            raise StageFailed(f"stage {name} failed (exit {proc.returncode}):\n{tail(output)}")
+            raise StageFailed(f"stage {name} failed (exit {proc.returncode}):\n{tail(output)}", output)
         time.sleep(random.uniform(0.2, 1.0) * min(attempt + 1, 5))
     raise StageFailed(f"stage {name}: DVC lock still held after {attempts} attempts:\n{tail(output)}")
 

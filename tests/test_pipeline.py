@@ -1,4 +1,4 @@
-"""The pipeline as a user runs it: `dvc repro` (as `make run` runs it) on a copy of the repo with the tiny profile."""
+"""The pipeline as a user runs it: `make run`'s `pipeline.repro --jobs` (DVC's stages two at a time) on a copy of the repo with the tiny profile."""
 import json
 import os
 import subprocess
@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 
@@ -19,7 +20,7 @@ def _stage(args, cwd, db_uri):
 
 @pytest.mark.slow
 def test_dvc_repro_runs_the_grid_then_does_nothing(tmp_path, fmnist_root, _mlflow_db):
-    # One operating point per mode (8 stages): each stage process costs ~10 s of imports and MLflow
+    # One operating point per mode (9 stages): each stage process costs ~10 s of imports and MLflow
     # set-up, and the grid's width is covered in-process by tests/test_datasets_pipeline.py.
     small = {**TINY, "betas": [0.004], "jpeg": {"qualities": [5]}}
     repo = copy_repo(tmp_path / "repo", repo_params(small))
@@ -31,10 +32,12 @@ def test_dvc_repro_runs_the_grid_then_does_nothing(tmp_path, fmnist_root, _mlflo
     expected = {r.stage for r in pretrain_runs(p) + task_runs(p)} | {"prepare", "weights", "evaluate", "report"}
     assert set(listed.stdout.split()) == expected  # tactic.experiment.grid names stages exactly as DVC does
 
-    # As `make run` runs it (pipeline.repro: DVC's repro, its lock written by libyaml) ...
-    first = subprocess.run([sys.executable, "-m", "pipeline.repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    # As `make run` runs it on 2 cores (pipeline.repro --jobs: the stages two at a time, each a
+    # `dvc repro -s` whose lock libyaml writes) ...
+    first_started = pd.Timestamp.now(tz="UTC")
+    first = subprocess.run([sys.executable, "-m", "pipeline.repro", "--jobs", "2"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "| aware | beta=0.004 |" in first.stdout
+    assert "| aware | beta=0.004 |" in first.stdout and "9 stages ran, 0 up to date, 0 failed" in first.stdout
 
     rows = json.loads((repo / "results/eval.json").read_text())
     assert {(r["mode"], r["beta"], r["quality"], r["seed"]) for r in rows} == {
@@ -53,6 +56,10 @@ def test_dvc_repro_runs_the_grid_then_does_nothing(tmp_path, fmnist_root, _mlflo
     mlflow.set_tracking_uri(_mlflow_db)
     runs = mlflow.search_runs(experiment_names=["tactic"], filter_string="params.mode = 'aware'")
     aware = runs[runs["tags.dvc_stage"] == "train_aware@0.004-0"]
+    trained = mlflow.search_runs(experiment_names=["tactic"], filter_string="tags.dvc_stage LIKE '%train%'")
+    trained = trained[trained["start_time"] >= first_started]
+    assert any(a.start_time < b.end_time and b.start_time < a.end_time for a, b in zip(trained.itertuples(), trained.iloc[1:].itertuples())
+               ), "no two training stages ran at once"
     assert len(aware) >= 1
     last = aware.iloc[0]
     assert float(last["params.beta"]) == 0.004 and float(last["params.alpha"]) == p.train.alpha

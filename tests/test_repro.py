@@ -1,9 +1,11 @@
 """pipeline.repro: `dvc repro` whose dvc.lock libyaml reads and writes, the same lock as DVC's own writer."""
 import io
 import math
+import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.helpers import BIN, REPO, subprocess_env
@@ -104,3 +106,60 @@ def test_another_dvc_without_those_internals_runs_with_its_own_writer(tmp_path, 
     monkeypatch.setattr("dvc.cli.main", lambda argv: 0 if argv == ["repro", "-s", "x"] else 1)
     assert repro.main(["-s", "x"]) == 0
     assert "DVC's lock writer left as it is (AttributeError" in capsys.readouterr().err
+
+
+def test_jobs_run_the_stages_side_by_side_and_record_what_dvc_repro_records(tmp_path):
+    env = {**subprocess_env("sqlite:///" + str(tmp_path / "unused.db")), "PYTHONPATH": str(REPO)}
+    side, plain = _repo(tmp_path / "side"), _repo(tmp_path / "plain")
+    # Each `make` entry waits until both have started: they finish only if they run at once.
+    wait = ("import pathlib, sys, time\npathlib.Path(f'started{sys.argv[1]}').touch()\nend = time.time() + 60\n"
+            "while not (pathlib.Path('started0').exists() and pathlib.Path('started1').exists()):\n"
+            "    assert time.time() < end, 'the other entry never started'\n    time.sleep(0.1)\n"
+            "pathlib.Path(f'out{sys.argv[1]}.txt').write_text(sys.argv[1])\n")
+    make = {**DVC_YAML["stages"]["make"], "cmd": "python wait.py ${item.seed}"}
+    for repo in (side, plain):
+        (repo / "wait.py").write_text(wait)
+        (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {**DVC_YAML["stages"], "make": make}}))
+    run = subprocess.run([sys.executable, "-m", "pipeline.repro", "--jobs", "2"], cwd=side, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (side / "sum.txt").read_text() == "01" and "3 stages ran, 0 up to date, 0 failed, 0 not started; 2 at a time" in run.stdout
+    assert run.stdout.index("make@0 started") < run.stdout.index("make@1 started") < run.stdout.index("Running stage 'make@")
+    assert "> cat out0.txt out1.txt > sum.txt" in run.stdout  # each stage's output, as dvc repro prints it
+    # What DVC records, as data (its order follows the order stages ended in), is what a serial run records.
+    (plain / "started0").touch(), (plain / "started1").touch()  # serial: nothing to wait for
+    subprocess.run([BIN / "dvc", "repro"], cwd=plain, env=env, check=True, capture_output=True)
+    assert yaml.safe_load((side / "dvc.lock").read_text()) == yaml.safe_load((plain / "dvc.lock").read_text())
+    again = subprocess.run([sys.executable, "-m", "pipeline.repro", "--jobs", "2"], cwd=side, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "0 stages ran, 3 up to date" in again.stdout
+
+
+def test_jobs_after_a_failure_start_nothing_and_say_which_stage(tmp_path):
+    repo = _repo(tmp_path / "repo")
+    sleep = "python -c \"import time; time.sleep({}); open('{}', 'w').write('x')\""
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "fails": {"cmd": "python -c \"import time, sys; time.sleep(1); print('boom: the cause'); sys.exit(3)\"", "outs": ["f.txt"]},
+        "after": {"cmd": sleep.format(0, "a.txt"), "deps": ["f.txt"], "outs": ["a.txt"]},  # needs the failed one
+        "beside": {"cmd": sleep.format(4, "b.txt"), "outs": ["b.txt"]},  # running when it fails: runs to its end
+        "later": {"cmd": sleep.format(0, "l.txt"), "outs": ["l.txt"]},  # not started after the failure
+    }}))
+    env = {**subprocess_env("sqlite:///" + str(tmp_path / "unused.db")), "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-m", "pipeline.repro", "--jobs", "2"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert "boom: the cause" in run.stdout + run.stderr and "error: fails failed" in run.stderr
+    assert (repo / "b.txt").exists() and not (repo / "a.txt").exists() and not (repo / "l.txt").exists()
+    assert "1 stages ran, 0 up to date, 1 failed, 2 not started" in run.stdout
+    assert "beside" in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]  # what finished is recorded
+
+
+def test_jobs_take_a_number_or_auto(tmp_path, monkeypatch):
+    from pipeline import repro
+
+    (tmp_path / "params.yaml").write_text("device: cpu\n")
+    monkeypatch.chdir(tmp_path)
+    assert repro.jobs_for("3") == 3 and repro.jobs_for("auto") == (os.cpu_count() or 1)
+    (tmp_path / "params.yaml").write_text("device: cuda\n")
+    assert repro.jobs_for("auto") == 1  # stages on one GPU run one at a time
+    with pytest.raises(SystemExit, match="--jobs takes a positive number or auto, not '0'"):
+        repro.jobs_for("0")
+    with pytest.raises(SystemExit, match="--jobs runs the whole pipeline"):
+        repro.main(["--jobs", "2", "-s", "x"])
