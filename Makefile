@@ -14,8 +14,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: run test serve setup data dvc-init clean
 
 # PROFILE=<name> first merges profiles/<name>.yaml into params.yaml (e.g. segmentation, smoke).
-# JOBS: stages at a time (pipeline/repro.py --jobs): auto = one per core, each on cores // JOBS torch
-# threads (one at a time where the stages use a GPU); JOBS=1 is plain `dvc repro`.
+# JOBS: stages at a time (pipeline/repro.py --jobs): auto = one per core (per `threads` cores where
+# params set it), each on cores // JOBS torch threads; one at a time where the stages use a GPU.
+# JOBS=1 is plain `dvc repro`.
 JOBS ?= auto
 run: setup data dvc-init
 	$(if $(PROFILE),$(VENV)/bin/tactic profile $(PROFILE))

@@ -152,16 +152,19 @@ def parallel(root: str, jobs: int) -> int:
 
 
 def jobs_for(value: str, root: str = ".") -> int:
-    """`--jobs`: a number, or `auto`: one stage per core on CPU; one at a time where the stages use a
-    GPU (params `device: cuda`, or `auto` with an NVIDIA device present), which they would share."""
+    """`--jobs`: a number, or `auto`: one stage per core on CPU (per `threads` cores where params fix
+    the stages' torch threads, so that they never oversubscribe the cores); one at a time where the
+    stages use a GPU (params `device: cuda`, or `auto` with an NVIDIA device present), which they
+    would share."""
     if value != "auto":
         if not value.isdigit() or int(value) < 1:
             raise SystemExit(f"pipeline.repro: --jobs takes a positive number or auto, not {value!r}")
         return int(value)
     with open(os.path.join(root, "params.yaml")) as f:
-        device = (yaml.safe_load(f) or {}).get("device", "auto")
+        params = yaml.safe_load(f) or {}
+    device = params.get("device", "auto")
     gpu = device == "cuda" or (device == "auto" and any(name.startswith("nvidia") and name[6:].isdigit() for name in os.listdir("/dev")))
-    return 1 if gpu else os.cpu_count() or 1
+    return 1 if gpu else max(1, (os.cpu_count() or 1) // (params.get("threads") or 1))
 
 
 def main(argv=None) -> int:

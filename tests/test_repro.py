@@ -157,6 +157,8 @@ def test_jobs_take_a_number_or_auto(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text("device: cpu\n")
     monkeypatch.chdir(tmp_path)
     assert repro.jobs_for("3") == 3 and repro.jobs_for("auto") == (os.cpu_count() or 1)
+    (tmp_path / "params.yaml").write_text(f"device: cpu\nthreads: {os.cpu_count()}\n")
+    assert repro.jobs_for("auto") == 1  # stages that take every core run one at a time
     (tmp_path / "params.yaml").write_text("device: cuda\n")
     assert repro.jobs_for("auto") == 1  # stages on one GPU run one at a time
     with pytest.raises(SystemExit, match="--jobs takes a positive number or auto, not '0'"):
