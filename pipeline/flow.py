@@ -27,7 +27,7 @@ from prefect.futures import wait
 from prefect.runtime import flow_run as current_flow_run
 from prefect_dask import DaskTaskRunner
 
-from pipeline.stages import alone, run_dvc_stage, stage_env, stage_graph
+from pipeline.stages import run_dvc_stage, stage_env, stage_graph, stage_threads
 from tactic import tracking
 from tactic.config import ROOT, parse_params
 from tactic.profiles import resolve_params, write_params
@@ -72,15 +72,13 @@ def tactic(profile: Optional[str] = None, dataset: Optional[str] = None, seeds: 
     flow_run_id = str(current_flow_run.id or "local")
     with tracking.start_run(f"flow {current_flow_run.name or 'local'}", None, {"profile": profile, "stages": len(graph)},
                             tags={"prefect_flow_run_id": flow_run_id}) as parent:
-        # Stages share the cores: a stage's torch threads are the cores per local Dask worker, except
-        # for a stage nothing can run beside (evaluate, report), which gets them all.
-        workers = int(os.environ.get("TACTIC_DASK_WORKERS", 0)) or os.cpu_count()
-        env = stage_env({"TACTIC_PARENT_RUN_ID": parent.info.run_id, "TACTIC_THREADS": str(max(1, os.cpu_count() // workers))})
-        lone = alone(graph)
+        # Stages share the cores: one lane per local Dask worker (`stage_threads`).
+        threads = stage_threads(graph, int(os.environ.get("TACTIC_DASK_WORKERS", 0)) or os.cpu_count())
+        env = stage_env({"TACTIC_PARENT_RUN_ID": parent.info.run_id})
         futures = {}
         for name, needs in graph.items():
-            stage = {**env, "TACTIC_THREADS": str(os.cpu_count())} if name in lone else env
-            futures[name] = dvc_stage.submit(name, str(root), stage, wait_for=[futures[n] for n in needs])
+            futures[name] = dvc_stage.submit(name, str(root), {**env, "TACTIC_THREADS": threads[name]},
+                                             wait_for=[futures[n] for n in needs])
         _show_progress(futures)
         # After a failure too, every task ends before the flow does (the stages that do not need the
         # failed one run to the end, those that do end NotReady): leaving the flow closes its Dask

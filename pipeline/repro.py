@@ -99,11 +99,11 @@ def parallel(root: str, jobs: int) -> int:
     stage's output. A stage never outlives this process (`run_guarded`)."""
     import concurrent.futures as cf
 
-    from pipeline.stages import RETRIED, StageFailed, alone, dvc_graph, run_dvc_stage, stage_env
+    from pipeline.stages import RETRIED, StageFailed, dvc_graph, run_dvc_stage, stage_env, stage_threads
 
     started = time.monotonic()
     graph = dvc_graph(root)
-    lone, cores = alone(graph), os.cpu_count() or 1
+    threads = stage_threads(graph, jobs)
     users: dict[str, set] = {name: set() for name in graph}
     for name in reversed(list(graph)):  # a stage's users come after it: all of them are known first
         for need in graph[name]:
@@ -111,13 +111,12 @@ def parallel(root: str, jobs: int) -> int:
     depth: dict[str, int] = {}
     for name, needs in graph.items():
         depth[name] = 1 + max((depth[n] for n in needs), default=0)
-    threads = os.environ.get("TACTIC_THREADS") or str(max(1, cores // jobs))
     statuses: dict[str, str] = {}
     running: dict[cf.Future, str] = {}
     failed: list[StageFailed] = []
 
     def start(pool, name):
-        env = stage_env({"TACTIC_THREADS": str(cores) if name in lone else threads})
+        env = stage_env({"TACTIC_THREADS": threads[name]})
         running[pool.submit(run_dvc_stage, name, root, env)] = name
         print(f"[{len(statuses) + len(running)}/{len(graph)}] {name} started", flush=True)
 

@@ -88,6 +88,16 @@ def alone(graph: dict[str, list[str]]) -> set[str]:
     return {name for name in graph if len(needed[name]) + len(needing[name]) == len(graph) - 1}
 
 
+def stage_threads(graph: dict[str, list[str]], lanes: int) -> dict[str, str]:
+    """`TACTIC_THREADS` of each stage when `lanes` stages run at once: cores // lanes (or the
+    TACTIC_THREADS this process was given), except for a stage nothing can run beside (evaluate,
+    report), which gets every core. One rule for `pipeline.repro --jobs` and the Prefect flow."""
+    cores = os.cpu_count() or 1
+    shared = os.environ.get("TACTIC_THREADS") or str(max(1, cores // max(1, lanes)))
+    lone = alone(graph)
+    return {name: str(cores) if name in lone else shared for name in graph}
+
+
 def stage_env(extra: dict | None = None) -> dict:
     """The environment of a stage process: this interpreter's bin first, since DVC commands call `python`."""
     env = dict(os.environ)

@@ -165,3 +165,15 @@ def test_jobs_take_a_number_or_auto(tmp_path, monkeypatch):
         repro.jobs_for("0")
     with pytest.raises(SystemExit, match="--jobs runs the whole pipeline"):
         repro.main(["--jobs", "2", "-s", "x"])
+
+
+def test_stages_share_the_cores_and_a_lone_stage_gets_them_all(monkeypatch):
+    from pipeline.stages import stage_threads
+
+    monkeypatch.delenv("TACTIC_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    graph = {"prepare": [], "a": ["prepare"], "b": ["prepare"], "evaluate": ["a", "b"]}
+    assert stage_threads(graph, 2) == {"prepare": "4", "a": "2", "b": "2", "evaluate": "4"}
+    assert stage_threads(graph, 8)["a"] == "1"  # never below one thread
+    monkeypatch.setenv("TACTIC_THREADS", "3")  # what the runner was given wins over the share
+    assert stage_threads(graph, 2) == {"prepare": "4", "a": "3", "b": "3", "evaluate": "4"}
