@@ -16,7 +16,9 @@ every flow and KFP task's does), then
 and prints each wall time as a ratio to `dvc repro`'s in the same run, and for the parallel legs how many
 training stages ran at once (the most MLflow stage runs open at the same moment). On the smoke profile
 the ratios show what Prefect, Dask and KFP add; on the default profile, whether the fan-out over the
-cores beats DVC's serial run.
+cores beats DVC's serial run. Under each leg, where its time went (`phases`: the engine's start before
+the first stage's MLflow run opened, the stages' span with the lane-seconds inside their runs and
+between them, the engine's end), and the flow's temporary Prefect server's start-up.
 """
 from __future__ import annotations
 
@@ -46,11 +48,15 @@ def copy_repo(dest: Path, profile: str) -> Path:
     return dest
 
 
+SPANS: dict = {}  # the wall-clock (start, end) and output of each leg's last command, by MLflow database
+
+
 def timed(cmd, cwd, env) -> float:
-    t0 = time.perf_counter()
+    t0, w0 = time.perf_counter(), time.time()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    SPANS[env["MLFLOW_TRACKING_URI"]] = (w0, time.time(), proc.stdout)
     return time.perf_counter() - t0
 
 
@@ -66,6 +72,25 @@ def most_at_once(db: str) -> int:
         open_ += step
         most = max(most, open_)
     return most
+
+
+def phases(db: str, launched: float, ended: float, lanes: int) -> str:
+    """Where a leg's wall time went, from its stages' MLflow runs (each spans a stage's own work,
+    start-up excluded): before the first stage's run opened (the engine's start: a Prefect server, a
+    Dask cluster, the first stage's process), between the first opening and the last closing (of which
+    the stages' runs fill `busy` lane-seconds; the rest of `lanes` x that span is the time lanes
+    spent between stages: scheduling, task bookkeeping, stage processes starting and ending), and
+    after the last run closed (the engine's end)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(db)
+    runs = mlflow.search_runs(experiment_names=["tactic"], filter_string="tags.dvc_stage != ''")
+    first, last = runs["start_time"].min().timestamp(), runs["end_time"].max().timestamp()
+    busy = (runs["end_time"] - runs["start_time"]).dt.total_seconds().sum()
+    span = last - first
+    gaps = lanes * span - busy
+    return (f"start {first - launched:.1f} s, stages {span:.1f} s (their runs {busy:.1f} lane-s; between them "
+            f"{gaps:.1f} lane-s, {gaps / len(runs):.2f} a stage over {len(runs)}), end {ended - last:.1f} s")
 
 
 def start_cluster(tmp: Path, cwd: Path, env: dict, workers: int) -> tuple[str, list[subprocess.Popen]]:
@@ -111,11 +136,16 @@ def main():
 
         repo, env = checkout("dvc")
         t_dvc = timed([sys.executable, "-m", "pipeline.repro"], repo, env)
-        print(f"profile {args.profile}: dvc repro {t_dvc:.1f} s", flush=True)
+        print(f"profile {args.profile}: dvc repro {t_dvc:.1f} s\n    {phases(env['MLFLOW_TRACKING_URI'], *SPANS[env['MLFLOW_TRACKING_URI']][:2], 1)}",
+              flush=True)
 
-        def report(what, seconds, env, extra=""):
-            at_once = f"; training stages at once: at most {most_at_once(env['MLFLOW_TRACKING_URI'])}" if "kfp" not in what else ""
-            print(f"  {what}: {seconds:.1f} s, ratio to dvc repro {seconds / t_dvc:.2f}{at_once}{extra}", flush=True)
+        def report(what, seconds, env, extra="", lanes=args.workers):
+            db = env["MLFLOW_TRACKING_URI"]
+            at_once = f"; training stages at once: at most {most_at_once(db)}" if "kfp" not in what else ""
+            launched, ended, output = SPANS[db]
+            started = "".join(f"\n    {line}" for line in output.splitlines() if "started in" in line)  # the flow's own server
+            print(f"  {what}: {seconds:.1f} s, ratio to dvc repro {seconds / t_dvc:.2f}{at_once}{extra}\n"
+                  f"    {phases(db, launched, ended, lanes)}{started}", flush=True)
 
         if "jobs" not in skip:
             repo, env = checkout("jobs")
@@ -138,7 +168,8 @@ def main():
                    f" (the cluster took {started:.1f} s to start, not counted)")
         if "kfp" not in skip:
             repo, env = checkout("kfp")
-            report("kfp.local (tactic kubeflow run-local, one task at a time)", timed([BIN / "tactic", "kubeflow", "run-local"], repo, env), env)
+            report("kfp.local (tactic kubeflow run-local, one task at a time)", timed([BIN / "tactic", "kubeflow", "run-local"], repo, env), env,
+                   lanes=1)
 
 
 if __name__ == "__main__":

@@ -99,18 +99,12 @@ def parallel(root: str, jobs: int) -> int:
     stage's output. A stage never outlives this process (`run_guarded`)."""
     import concurrent.futures as cf
 
-    from pipeline.stages import RETRIED, StageFailed, dvc_graph, run_dvc_stage, stage_env, stage_threads
+    from pipeline.stages import RETRIED, StageFailed, dvc_graph, run_dvc_stage, stage_env, stage_priority, stage_threads
 
     started = time.monotonic()
     graph = dvc_graph(root)
     threads = stage_threads(graph, jobs)
-    users: dict[str, set] = {name: set() for name in graph}
-    for name in reversed(list(graph)):  # a stage's users come after it: all of them are known first
-        for need in graph[name]:
-            users[need] |= {name} | users[name]
-    depth: dict[str, int] = {}
-    for name, needs in graph.items():
-        depth[name] = 1 + max((depth[n] for n in needs), default=0)
+    priority = stage_priority(graph)
     statuses: dict[str, str] = {}
     running: dict[cf.Future, str] = {}
     failed: list[StageFailed] = []
@@ -125,7 +119,7 @@ def parallel(root: str, jobs: int) -> int:
             while True:
                 ready = [name for name in graph if name not in statuses and name not in running.values()
                          and all(statuses.get(n) in ("ran", "skipped") for n in graph[name])]
-                for name in sorted(ready, key=lambda n: (-len(users[n]), -depth[n]))[:0 if failed else jobs - len(running)]:
+                for name in sorted(ready, key=lambda n: -priority[n])[:0 if failed else jobs - len(running)]:
                     start(pool, name)
                 if not running:
                     break

@@ -88,6 +88,22 @@ def alone(graph: dict[str, list[str]]) -> set[str]:
     return {name for name in graph if len(needed[name]) + len(needing[name]) == len(graph) - 1}
 
 
+def stage_priority(graph: dict[str, list[str]]) -> dict[str, int]:
+    """Which of the ready stages start first when there are more than lanes (higher first): those
+    that more stages wait on, then those deeper in the graph, so that the short leaves (JPEG,
+    uncompressed) fill the end. `graph` in a runnable order (a stage after those it needs), which
+    breaks ties. One rule for `pipeline.repro --jobs` and the Prefect flow (as Dask priorities)."""
+    users: dict[str, set] = {name: set() for name in graph}
+    for name in reversed(list(graph)):  # a stage's users come after it: all of them are known first
+        for need in graph[name]:
+            users[need] |= {name} | users[name]
+    depth: dict[str, int] = {}
+    for name, needs in graph.items():
+        depth[name] = 1 + max((depth[n] for n in needs), default=0)
+    order = sorted(graph, key=lambda n: (-len(users[n]), -depth[n]))
+    return {name: len(order) - i for i, name in enumerate(order)}
+
+
 def stage_threads(graph: dict[str, list[str]], lanes: int) -> dict[str, str]:
     """`TACTIC_THREADS` of each stage when `lanes` stages run at once: cores // lanes (or the
     TACTIC_THREADS this process was given), except for a stage nothing can run beside (evaluate,

@@ -177,3 +177,13 @@ def test_stages_share_the_cores_and_a_lone_stage_gets_them_all(monkeypatch):
     assert stage_threads(graph, 8)["a"] == "1"  # never below one thread
     monkeypatch.setenv("TACTIC_THREADS", "3")  # what the runner was given wins over the share
     assert stage_threads(graph, 2) == {"prepare": "4", "a": "3", "b": "3", "evaluate": "4"}
+
+
+def test_stages_that_others_wait_on_start_first_then_the_deepest():
+    from pipeline.stages import stage_priority
+
+    graph = {"prepare": [], "jpeg": ["prepare"], "pretrain": ["prepare"], "agnostic": ["pretrain"], "aware": ["pretrain"],
+             "evaluate": ["jpeg", "agnostic", "aware"]}
+    order = sorted(graph, key=lambda n: -stage_priority(graph)[n])
+    assert order[:2] == ["prepare", "pretrain"]  # two stages wait on pretrain, one on jpeg
+    assert order.index("agnostic") < order.index("jpeg")  # same users, deeper first: the short leaf fills the end
