@@ -23,6 +23,7 @@ between them, the engine's end), and the flow's temporary Prefect server's start
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -48,16 +49,20 @@ def copy_repo(dest: Path, profile: str) -> Path:
     return dest
 
 
-SPANS: dict = {}  # the wall-clock (start, end) and output of each leg's last command, by MLflow database
+@dataclasses.dataclass
+class Leg:
+    seconds: float
+    launched: float  # wall clock, to set against the MLflow runs' times
+    ended: float
+    output: str
 
 
-def timed(cmd, cwd, env) -> float:
-    t0, w0 = time.perf_counter(), time.time()
+def timed(cmd, cwd, env) -> Leg:
+    t0, launched = time.perf_counter(), time.time()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    SPANS[env["MLFLOW_TRACKING_URI"]] = (w0, time.time(), proc.stdout)
-    return time.perf_counter() - t0
+    return Leg(time.perf_counter() - t0, launched, time.time(), proc.stdout)
 
 
 def most_at_once(db: str) -> int:
@@ -135,17 +140,17 @@ def main():
             return repo, {**base, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/{name}.db", "PYTHONPATH": str(repo)}
 
         repo, env = checkout("dvc")
-        t_dvc = timed([sys.executable, "-m", "pipeline.repro"], repo, env)
-        print(f"profile {args.profile}: dvc repro {t_dvc:.1f} s\n    {phases(env['MLFLOW_TRACKING_URI'], *SPANS[env['MLFLOW_TRACKING_URI']][:2], 1)}",
+        dvc = timed([sys.executable, "-m", "pipeline.repro"], repo, env)
+        t_dvc = dvc.seconds
+        print(f"profile {args.profile}: dvc repro {t_dvc:.1f} s\n    {phases(env['MLFLOW_TRACKING_URI'], dvc.launched, dvc.ended, 1)}",
               flush=True)
 
-        def report(what, seconds, env, extra="", lanes=args.workers):
+        def report(what, leg: Leg, env, extra="", lanes=args.workers):
             db = env["MLFLOW_TRACKING_URI"]
             at_once = f"; training stages at once: at most {most_at_once(db)}" if "kfp" not in what else ""
-            launched, ended, output = SPANS[db]
-            started = "".join(f"\n    {line}" for line in output.splitlines() if "started in" in line)  # the flow's own server
-            print(f"  {what}: {seconds:.1f} s, ratio to dvc repro {seconds / t_dvc:.2f}{at_once}{extra}\n"
-                  f"    {phases(db, launched, ended, lanes)}{started}", flush=True)
+            started = "".join(f"\n    {line}" for line in leg.output.splitlines() if "started in" in line)  # the flow's own server
+            print(f"  {what}: {leg.seconds:.1f} s, ratio to dvc repro {leg.seconds / t_dvc:.2f}{at_once}{extra}\n"
+                  f"    {phases(db, leg.launched, leg.ended, lanes)}{started}", flush=True)
 
         if "jobs" not in skip:
             repo, env = checkout("jobs")
@@ -161,10 +166,10 @@ def main():
             address, procs = start_cluster(tmp, repo, env, args.workers)
             started = time.perf_counter() - t0
             try:
-                seconds = timed([sys.executable, "-m", "pipeline.flow", "--dask-address", address], repo, env)
+                leg = timed([sys.executable, "-m", "pipeline.flow", "--dask-address", address], repo, env)
             finally:
                 stop_groups(procs)
-            report(f"Prefect flow on a Dask cluster of separate processes ({args.workers} workers, --dask-address)", seconds, env,
+            report(f"Prefect flow on a Dask cluster of separate processes ({args.workers} workers, --dask-address)", leg, env,
                    f" (the cluster took {started:.1f} s to start, not counted)")
         if "kfp" not in skip:
             repo, env = checkout("kfp")

@@ -70,9 +70,9 @@ def dvc_graph(root: str | Path) -> dict[str, list[str]]:
     return order
 
 
-def alone(graph: dict[str, list[str]]) -> set[str]:
-    """The stages nothing can run beside: every other stage is one they need or one that needs them
-    (evaluate and report; not prepare, which `weights` runs beside)."""
+def _reach(graph: dict[str, list[str]]) -> tuple[dict[str, set], dict[str, set]]:
+    """For each stage, every stage it needs and every stage that needs it, directly or not (`graph`
+    in a runnable order: a stage after those it needs)."""
     users = {name: [] for name in graph}
     for name, needs in graph.items():
         for need in needs:
@@ -84,7 +84,13 @@ def alone(graph: dict[str, list[str]]) -> set[str]:
             seen[name] = set().union(*({other} | seen[other] for other in edges[name]))
         return seen
 
-    needed, needing = reach(graph, list(graph)), reach(users, reversed(list(graph)))  # graph: in a runnable order
+    return reach(graph, list(graph)), reach(users, reversed(list(graph)))
+
+
+def alone(graph: dict[str, list[str]]) -> set[str]:
+    """The stages nothing can run beside: every other stage is one they need or one that needs them
+    (evaluate and report; not prepare, which `weights` runs beside)."""
+    needed, needing = _reach(graph)
     return {name for name in graph if len(needed[name]) + len(needing[name]) == len(graph) - 1}
 
 
@@ -93,10 +99,7 @@ def stage_priority(graph: dict[str, list[str]]) -> dict[str, int]:
     that more stages wait on, then those deeper in the graph, so that the short leaves (JPEG,
     uncompressed) fill the end. `graph` in a runnable order (a stage after those it needs), which
     breaks ties. One rule for `pipeline.repro --jobs` and the Prefect flow (as Dask priorities)."""
-    users: dict[str, set] = {name: set() for name in graph}
-    for name in reversed(list(graph)):  # a stage's users come after it: all of them are known first
-        for need in graph[name]:
-            users[need] |= {name} | users[name]
+    users = _reach(graph)[1]
     depth: dict[str, int] = {}
     for name, needs in graph.items():
         depth[name] = 1 + max((depth[n] for n in needs), default=0)
