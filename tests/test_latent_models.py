@@ -83,6 +83,60 @@ def test_bitstream_round_trip_returns_exactly_the_encoder_latents():
         assert torch.equal(pixels, codec.g_s(lat["y_hat"]).clamp(0, 1))
 
 
+def test_streams_are_compressais_bytes_and_follow_a_changed_table():
+    """tactic.codecs.entropy codes with each image's rows of the CDF table, made into lists once:
+    the bytes and the decoded latents must be what CompressAI's own classes give, for the hyperprior
+    (Gaussian conditional, bottleneck of z) and the TACTIC codec (bottleneck of y), and still after
+    `update()` or a checkpoint has changed the table the lists were made from."""
+    from compressai import entropy_models as cai
+    from tactic.codecs.codec import TacticCodec
+
+    def both(codec, x):
+        """(streams, decoded latents) with tactic's entropy models, then with CompressAI's."""
+        out = []
+        for classes in ((type(codec.entropy_bottleneck), type(getattr(codec, "gaussian_conditional", None))),
+                        (cai.EntropyBottleneck, cai.GaussianConditional)):
+            mine = (codec.entropy_bottleneck.__class__, getattr(codec, "gaussian_conditional", codec).__class__)
+            codec.entropy_bottleneck.__class__ = classes[0]
+            if isinstance(codec, Hyperprior):
+                codec.gaussian_conditional.__class__ = classes[1]
+            try:
+                if isinstance(codec, Hyperprior):
+                    packed = encode(codec, x)
+                    names = [str(i) for i in range(len(x))]
+                    out.append((packed["streams"], decode_latents(codec, packed["streams"], packed["shape"], names)["y_hat"]))
+                else:
+                    enc = codec.compress(x)
+                    out.append((enc["strings"][0], codec.decompress(enc["strings"], enc["shape"])["x_hat"]))
+            finally:
+                codec.entropy_bottleneck.__class__ = mine[0]
+                if isinstance(codec, Hyperprior):
+                    codec.gaussian_conditional.__class__ = mine[1]
+        return out
+
+    hyper = _coding_model(N=32, M=48)
+    torch.manual_seed(1)
+    tactic = TacticCodec(3, 8, 4).eval()
+    with torch.no_grad():
+        tactic.g_a[-2].weight.mul_(40)
+    tactic.update(force=True)
+    for codec, x in ((hyper, _images(3)), (tactic, _images(3, size=28))):
+        (ours, ours_dec), (theirs, theirs_dec) = both(codec, x)
+        assert ours == theirs and torch.equal(ours_dec, theirs_dec)
+        # a table changed by training and update(), then one a checkpoint brings: the lists follow
+        with torch.no_grad():
+            codec.entropy_bottleneck.quantiles.add_(0.5)
+        codec.update(force=True)
+        (ours2, _), (theirs2, _) = both(codec, x)
+        assert ours2 == theirs2 and ours2 != ours
+        state = {k: v.clone() for k, v in codec.state_dict().items()}
+        with torch.no_grad():
+            codec.entropy_bottleneck.quantiles.sub_(0.5)
+        codec.update(force=True)
+        codec.load_state_dict(state)
+        assert both(codec, x)[0][0] == ours2
+
+
 def test_a_damaged_bitstream_names_its_image():
     codec = _coding_model()
     packed = encode(codec, _images(2))

@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import torch
 from tactic.codecs import _compressai  # noqa: F401  (before compressai: skips its point-cloud imports)
-from compressai.entropy_models import EntropyBottleneck
 from compressai.models import CompressionModel
 from compressai.ops import quantize_ste
 from torch import nn
 
+from tactic.codecs.entropy import EntropyBottleneck
 from tactic.errors import TacticError
 
 QUANTIZERS = ("ste", "noise")

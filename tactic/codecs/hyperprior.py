@@ -60,6 +60,7 @@ from compressai.zoo.pretrained import load_pretrained
 from tactic.errors import TacticError
 from tactic.io import BadFileError, load_torch
 from tactic.codecs.codec import QUANTIZERS, clamp_ste
+from tactic.codecs.entropy import EntropyBottleneck, GaussianConditional
 
 # CompressAI's zoo: lambda per quality for the MSE models (rate-distortion loss lmbda * 255^2 * MSE + bpp).
 LMBDA = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.0130, 5: 0.025, 6: 0.0483, 7: 0.0932, 8: 0.18}
@@ -98,6 +99,9 @@ class Hyperprior(ScaleHyperprior):
         if quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
         self.quality, self.in_channels, self.lmbda, self.quantizer = quality, in_channels, LMBDA[quality], quantizer
+        # CompressAI's entropy models as tactic.codecs.entropy's subclasses (coding only differs): re-classed,
+        # not rebuilt, so the seeded initialisation draws what it always drew.
+        self.entropy_bottleneck.__class__, self.gaussian_conditional.__class__ = EntropyBottleneck, GaussianConditional
         if in_channels != 3:
             self.g_a[0] = conv(in_channels, self.N)
             self.g_s[-1] = deconv(self.N, in_channels)
