@@ -165,7 +165,8 @@ def shared_api():
     from prefect.server.api.server import SubprocessASGIServer
 
     api = SubprocessASGIServer()  # the instance Prefect's own client would start; stopped at exit
-    # It takes 12-15 s on 2 busy cores: Prefect's default wait, 20 s, is too close.
+    # It took 6.7-15.8 s on 2 cores (benchmarks/orchestration.py prints it): Prefect's default wait,
+    # 20 s, is too close.
     t0 = time.perf_counter()
     api.start(timeout=max(120, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
     print(f"temporary Prefect server at {api.api_url}, started in {time.perf_counter() - t0:.1f} s", flush=True)
