@@ -91,27 +91,25 @@ def test_streams_are_compressais_bytes_and_follow_a_changed_table():
     from compressai import entropy_models as cai
     from tactic.codecs.codec import TacticCodec
 
+    def coded(codec, x):
+        if isinstance(codec, Hyperprior):
+            packed = encode(codec, x)
+            return packed["streams"], decode_latents(codec, packed["streams"], packed["shape"], [str(i) for i in range(len(x))])["y_hat"]
+        enc = codec.compress(x)
+        return enc["strings"][0], codec.decompress(enc["strings"], enc["shape"])["x_hat"]
+
     def both(codec, x):
-        """(streams, decoded latents) with tactic's entropy models, then with CompressAI's."""
-        out = []
-        for classes in ((type(codec.entropy_bottleneck), type(getattr(codec, "gaussian_conditional", None))),
-                        (cai.EntropyBottleneck, cai.GaussianConditional)):
-            mine = (codec.entropy_bottleneck.__class__, getattr(codec, "gaussian_conditional", codec).__class__)
-            codec.entropy_bottleneck.__class__ = classes[0]
-            if isinstance(codec, Hyperprior):
-                codec.gaussian_conditional.__class__ = classes[1]
-            try:
-                if isinstance(codec, Hyperprior):
-                    packed = encode(codec, x)
-                    names = [str(i) for i in range(len(x))]
-                    out.append((packed["streams"], decode_latents(codec, packed["streams"], packed["shape"], names)["y_hat"]))
-                else:
-                    enc = codec.compress(x)
-                    out.append((enc["strings"][0], codec.decompress(enc["strings"], enc["shape"])["x_hat"]))
-            finally:
-                codec.entropy_bottleneck.__class__ = mine[0]
-                if isinstance(codec, Hyperprior):
-                    codec.gaussian_conditional.__class__ = mine[1]
+        """(streams, decoded) with tactic's entropy models, then with CompressAI's (the same modules re-classed)."""
+        models = [m for m in (codec.entropy_bottleneck, getattr(codec, "gaussian_conditional", None)) if m is not None]
+        ours = [type(m) for m in models]
+        out = [coded(codec, x)]
+        try:
+            for m in models:
+                m.__class__ = cai.GaussianConditional if isinstance(m, cai.GaussianConditional) else cai.EntropyBottleneck
+            out.append(coded(codec, x))
+        finally:
+            for m, cls in zip(models, ours):
+                m.__class__ = cls
         return out
 
     hyper = _coding_model(N=32, M=48)
