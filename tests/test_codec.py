@@ -48,9 +48,9 @@ def test_bitstream_round_trip_matches_inference_forward():
         dec = codec.decompress(enc["strings"], enc["shape"])
     assert len(enc["strings"][0]) == 4  # one stream per image
     assert torch.allclose(dec["x_hat"], ref["x_hat"].clamp(0, 1), atol=1e-6)
-    real = 8 * sum(len(s) for s in enc["strings"][0]) / (4 * 28 * 28)
-    estimated = float(bpp(ref["likelihoods"], 4 * 28 * 28))
-    assert real == pytest.approx(estimated, rel=0.25, abs=0.1)
+    # each stream within 2 bytes of what the entropy model says its symbols cost
+    ideal = -torch.log2(ref["likelihoods"]["y"]).sum((1, 2, 3)) / 8
+    assert all(abs(len(s) - float(b)) <= 2 for s, b in zip(enc["strings"][0], ideal)), ([len(s) for s in enc["strings"][0]], ideal)
     # compress gives the estimate's likelihoods too (evaluate reads them there), the forward pass's own
     assert torch.equal(enc["likelihoods"]["y"], ref["likelihoods"]["y"])
 

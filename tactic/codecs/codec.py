@@ -5,13 +5,13 @@ The codec is deliberately small so it can be trained jointly with a task network
 
     x ──g_a──> y ──Q──> y_hat ──g_s──> x_hat ──> task network
                           │
-                 EntropyBottleneck (factorized prior) ──> bits
+                 FactorizedPrior (CompressAI's EntropyBottleneck) ──> bits
 
     g_a: 2 x [conv 3x3, ReLU, max-pool 2]          (H x W -> H/4 x W/4, M channels; see latent_relu)
     g_s: 3 x up-convolution, ReLU between them     (2 of stride 2, the last of stride 1)
 
-Q is rounding at inference (the symbols the rANS coder writes, with the learned CDFs of CompressAI's
-`EntropyBottleneck`). In training the rate term always sees y + uniform noise (the paper's
+Q is rounding at inference (the symbols tactic.codecs.rangecoder writes, with the learned CDFs of
+CompressAI's `EntropyBottleneck`). In training the rate term always sees y + uniform noise (the paper's
 differentiable proxy, eq. 5); what g_s, and through it the task network, sees is set by `quantizer`:
 
     "ste"   round(y) with a straight-through gradient: exactly the latents a bitstream decodes to,
@@ -42,7 +42,7 @@ from compressai.models import CompressionModel
 from compressai.ops import quantize_ste
 from torch import nn
 
-from tactic.codecs.entropy import EntropyBottleneck
+from tactic.codecs.entropy import FactorizedPrior
 from tactic.errors import TacticError
 
 QUANTIZERS = ("ste", "noise")
@@ -73,7 +73,7 @@ class TacticCodec(CompressionModel):
             # recovers (seen in 1 of 3 seeds). Outputs are clamped to [0, 1] when decoding instead.
             nn.ConvTranspose2d(N, in_channels, 3, stride=1, padding=1),
         )
-        self.entropy_bottleneck = EntropyBottleneck(M)
+        self.entropy_bottleneck = FactorizedPrior(M)
 
     def _check_size(self, x: torch.Tensor) -> None:
         h, w = x.shape[-2:]

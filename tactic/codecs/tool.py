@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from tactic.errors import TacticError
 from tactic.io import atomic_path
 
-MAGIC, VERSION = b"TACT", 1
+# 2: the TACTIC codec's streams are range coded (tactic/codecs/rangecoder.py), no longer rANS.
+MAGIC, VERSION = b"TACT", 2
 
 
 def model_hash(path: Path) -> bytes:
