@@ -4,7 +4,7 @@ CompressAI's rANS coder writes 32-bit words and ends every stream with its 64-bi
 8 bytes an image whatever it holds, 0.08 bpp on a 28x28 image, more than the whole payload of the
 default profile's lowest-rate codecs. This coder writes bytes and ends a stream with the fewest
 bytes that pin the final interval (a decoder reads zeros past the end, so the trailing zero bytes
-are dropped as well): about 1 byte over the entropy model's own estimate instead of ~6
+are dropped as well): under a byte over the entropy model's own estimate instead of ~6
 (benchmarks/entropy_coding.py measures both).
 
 It codes the same symbols with the same model as CompressAI's `encode_with_indexes`: the table row
