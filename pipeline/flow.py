@@ -28,10 +28,20 @@ from prefect.futures import wait
 from prefect.runtime import flow_run as current_flow_run
 from prefect_dask import DaskTaskRunner
 
-from pipeline.stages import run_dvc_stage, stage_env, stage_graph, stage_priority, stage_threads
+from pipeline.stages import dvc_graph, run_dvc_stage, stage_env, stage_priority, stage_threads
 from tactic import tracking
-from tactic.config import ROOT, parse_params
+from tactic.config import ROOT
 from tactic.profiles import resolve_params, write_params
+
+
+# Dask's defaults suit workers that compute in Python; these wait on one stage process each. Its
+# statistical profiler samples every worker thread's stack every 10 ms, a system monitor runs every
+# 0.5 s and the event loops tick every 20 ms: a local cluster of two workers, each waiting on a
+# subprocess, then burnt 4.0 CPU-seconds in 30 s (13 % of a core, taken from the stages on 2 cores);
+# 0.5 with these. Set here, in the process that starts a local cluster (its workers inherit it); a
+# cluster started elsewhere keeps its own config (README, "Scaling out").
+dask.config.set({"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s",
+                 "distributed.admin.system-monitor.interval": "5s", "distributed.worker.memory.monitor-interval": "1s"})
 
 
 def make_task_runner(address: Optional[str] = None, workers: Optional[int] = None) -> DaskTaskRunner:
@@ -39,9 +49,15 @@ def make_task_runner(address: Optional[str] = None, workers: Optional[int] = Non
     address = address or os.environ.get("TACTIC_DASK_ADDRESS")
     if address:
         return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(workers))
+
+
+def local_cluster_kwargs(workers: Optional[int] = None) -> dict:
+    """One single-threaded worker process per core (or `workers`, `TACTIC_DASK_WORKERS`), each with
+    this module imported at its start (Prefect, ~3 s) rather than when its first task arrives."""
     workers = workers or int(os.environ.get("TACTIC_DASK_WORKERS", 0)) or os.cpu_count()
-    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
+    return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+            "preload": ["pipeline.flow"]}
 
 
 @task(name="stage", task_run_name="{name}", retries=0)
@@ -69,7 +85,7 @@ def tactic(profile: Optional[str] = None, dataset: Optional[str] = None, seeds: 
     root = ROOT
     raw = resolve_params(root, profile, dataset, seeds, betas, params)
     write_params(root / "params.yaml", raw)
-    graph = stage_graph(parse_params(raw))
+    graph = dvc_graph(root)  # DVC's own, for these params: what `dvc repro` would run
     flow_run_id = str(current_flow_run.id or "local")
     with tracking.start_run(f"flow {current_flow_run.name or 'local'}", None, {"profile": profile, "stages": len(graph)},
                             tags={"prefect_flow_run_id": flow_run_id}) as parent:
@@ -141,36 +157,59 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.workers:
         os.environ["TACTIC_DASK_WORKERS"] = str(args.workers)
+    address = args.dask_address or os.environ.get("TACTIC_DASK_ADDRESS")
+    with contextlib.ExitStack() as stack:
+        def start_up():  # while a temporary Prefect server boots (~8 s of one core)
+            nonlocal address
+            address = _start_up(stack, address, args.workers)
+
+        with shared_api(meanwhile=start_up):
+            tactic.with_options(task_runner=DaskTaskRunner(address=address))(profile=args.profile)
+
+
+def _start_up(stack: contextlib.ExitStack, address: Optional[str], workers: Optional[int]) -> str:
+    """The rest of the flow's start: the stage server (stages fork from it instead of paying their
+    imports, stages/server.py), a local Dask cluster unless `address` names a scheduler (closed by
+    `stack`), the MLflow database and the imports of the flow's first steps. Returns the scheduler's address."""
     from stages import server
 
-    server.start(idle=600, wait=0)  # stages fork from it instead of paying their imports (stages/server.py)
-    runner = make_task_runner(args.dask_address, args.workers)
-    with shared_api():
-        tactic.with_options(task_runner=runner)(profile=args.profile)
+    server.start(idle=600, wait=0)
+    if not address:
+        from distributed import LocalCluster
+
+        address = stack.enter_context(LocalCluster(**local_cluster_kwargs(workers))).scheduler_address
+    import dvc.repo  # noqa: F401
+    import mlflow
+
+    from tactic.tracking import tracking_uri
+
+    mlflow.MlflowClient(tracking_uri()).search_experiments(max_results=1)  # creates the database if new
+    return address
 
 
 @contextlib.contextmanager
-def shared_api():
+def shared_api(meanwhile=lambda: None):
     """One Prefect API for the flow and all its tasks. Without one configured (`PREFECT_API_URL`),
     Prefect starts a temporary server in the flow's process, and every Dask worker process, its own
     local cluster's included, would start a temporary server of its own (~10 s each, on the cores the
     stages need) and record its task runs there, out of the flow run's sight. So the temporary server
-    is started here and named in the settings that travel with every task. It listens on 127.0.0.1:
-    workers on other machines need a real server (`PREFECT_API_URL`)."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+    is started here (pipeline/server.py `Temporary`), `meanwhile` runs while it boots, and it is named
+    in the settings that travel with every task. It listens on 127.0.0.1: workers on other machines
+    need a real server (`PREFECT_API_URL`)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
+        meanwhile()
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
+    from pipeline.server import Temporary
 
-    api = SubprocessASGIServer()  # the instance Prefect's own client would start; stopped at exit
-    # It took 6.7-15.8 s on 2 cores (benchmarks/orchestration.py prints it): Prefect's default wait,
-    # 20 s, is too close.
-    t0 = time.perf_counter()
-    api.start(timeout=max(120, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
-    print(f"temporary Prefect server at {api.api_url}, started in {time.perf_counter() - t0:.1f} s", flush=True)
-    with temporary_settings(updates={PREFECT_API_URL: api.api_url}):
+    api = Temporary()  # stopped at exit, after Prefect's own exit handlers have sent it their last logs
+    meanwhile()
+    # It took 6.7-15.8 s on 2 cores (benchmarks/orchestration.py prints it): Prefect's own default
+    # wait, 20 s, would be too close.
+    print(f"temporary Prefect server at {api.url}, started in {api.ready():.1f} s", flush=True)
+    with temporary_settings(updates={PREFECT_API_URL: api.url}):
         yield
 
 

@@ -1,4 +1,5 @@
-"""A local Prefect server that stays up: detached, its log in a file, no telemetry.
+"""Prefect servers: a local one that stays up (detached, its log in a file, no telemetry), and the
+temporary one a flow run starts when no API is configured (`Temporary`).
 
     python -m pipeline.server start   # unless one answers at PREFECT_API_URL; waits until it is healthy
     python -m pipeline.server stop
@@ -12,6 +13,7 @@ Host and port come from PREFECT_API_URL (default http://127.0.0.1:4200/api).
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import signal
 import subprocess
@@ -24,9 +26,9 @@ from urllib.parse import urlparse
 DEFAULT_URL = "http://127.0.0.1:4200/api"
 
 
-def healthy(url: str) -> bool:
+def healthy(url: str, timeout: float = 3) -> bool:
     try:
-        return urllib.request.urlopen(f"{url}/health", timeout=3).status == 200
+        return urllib.request.urlopen(f"{url}/health", timeout=timeout).status == 200
     except OSError:
         return False
 
@@ -55,6 +57,56 @@ def start(home: Path, url: str, wait: float = 120.0) -> int:
     tail = log.read_text(errors="replace")[-2000:]
     print(f"Prefect server did not come up at {url} (exit {proc.poll()}); the end of {log}:\n{tail}", file=sys.stderr)
     return 1
+
+
+class Temporary:
+    """A Prefect API for one flow run, started as Prefect's own client starts one when no API is
+    configured (`SubprocessASGIServer`'s command: uvicorn on the server's app factory, UI off, marked
+    ephemeral; analytics off here, as above), but without importing Prefect's server modules into
+    the flow's process (3.6 s on 2 cores) and without waiting: its boot (~8 s) runs while the flow
+    process gets on with its own start (`ready` waits for it)."""
+
+    def __init__(self):
+        import socket
+
+        import prefect
+        from prefect.settings import get_current_settings
+
+        with socket.socket() as sock:  # a free port; Prefect's server exits 3 if it was taken meanwhile
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/api"
+        self.started = time.perf_counter()
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               **get_current_settings().to_environment_variables(exclude_unset=True)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
+                                      "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                                      "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+                                     stdin=subprocess.DEVNULL, env=env)
+        # At exit, as Prefect stops its own: registered before Prefect's clients register theirs, so
+        # it runs after them (atexit runs last in, first out), once they have flushed their logs to it.
+        atexit.register(self.stop)
+
+    def ready(self, wait: float = 120.0) -> float:
+        """Wait until it answers; the seconds since it was started."""
+        deadline = time.perf_counter() + wait
+        while not healthy(self.url, timeout=1):
+            if self.proc.poll() is not None or time.perf_counter() > deadline:
+                self.stop()
+                raise RuntimeError(f"the temporary Prefect server did not come up at {self.url} "
+                                   f"(exit {self.proc.returncode}; its output is above)")
+            time.sleep(0.1)
+        return time.perf_counter() - self.started
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def stop(home: Path) -> int:

@@ -1,4 +1,4 @@
-"""Running one DVC stage from a flow: the stage graph, and `dvc repro -s` with lock retries.
+"""Running one DVC stage from a flow: DVC's stage graph, and `dvc repro -s` with lock retries.
 
 DVC stays the single source of truth for what is up to date: every task runs one stage (one matrix
 entry) with `dvc repro -s`, which skips it when its deps and params are unchanged. The stage process
@@ -14,10 +14,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # running a stage needs the standard library only: a KFP task imports this module per stage
-    from tactic.config import Params
 
 # DVC's two lock errors: the repository lock (one `dvc` command at a time changes .dvc/), and the
 # rwlock of a stage's paths (another stage is writing what this one reads, or the reverse).
@@ -29,21 +25,6 @@ class StageFailed(RuntimeError):
     def __init__(self, message: str, output: str = ""):
         super().__init__(message)
         self.output = output  # everything the stage printed, for who shows it whole
-
-
-def stage_graph(p: Params) -> dict[str, list[str]]:
-    """Every stage of dvc.yaml for these params, with the stages it needs, in a runnable order."""
-    from tactic.experiment.grid import pretrain_runs, task_runs  # torch, through the modes
-
-    graph = {"prepare": [], "weights": []}  # `weights`: hashes of the files params name (stages/weights.py)
-    for r in pretrain_runs(p):
-        graph[r.stage] = ["prepare"] + (["weights"] if r.mode == "pretrain-hyperprior" else [])
-    runs = task_runs(p)
-    for r in runs:
-        graph[r.stage] = ["prepare", "weights"] + ([r.codec_run.stage] if r.codec_run else [])
-    graph["evaluate"] = [r.stage for r in runs]
-    graph["report"] = ["evaluate"]
-    return graph
 
 
 def dvc_graph(root: str | Path) -> dict[str, list[str]]:

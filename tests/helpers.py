@@ -61,6 +61,22 @@ def dvc(repo: Path, *args: str) -> str:
     return out.getvalue()
 
 
+def grid_graph(p) -> dict[str, list[str]]:
+    """The stages the grid (tactic/experiment/grid.py, what `evaluate` scores) implies for params `p`,
+    each with the stages it needs, in a runnable order: what DVC's graph of dvc.yaml must be."""
+    from tactic.experiment.grid import pretrain_runs, task_runs
+
+    graph = {"prepare": [], "weights": []}  # `weights`: hashes of the files params name (stages/weights.py)
+    for r in pretrain_runs(p):
+        graph[r.stage] = ["prepare"] + (["weights"] if r.mode == "pretrain-hyperprior" else [])
+    runs = task_runs(p)
+    for r in runs:
+        graph[r.stage] = ["prepare", "weights"] + ([r.codec_run.stage] if r.codec_run else [])
+    graph["evaluate"] = [r.stage for r in runs]
+    graph["report"] = ["evaluate"]
+    return graph
+
+
 def copy_repo(dest: Path, params: dict) -> Path:
     copy_tracked(REPO, dest)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stages import GUARD_GRACE_S, stage_graph, stop_groups
+from pipeline.stages import GUARD_GRACE_S, stop_groups
 from tactic.config import parse_params
 from tactic.profiles import resolve_params
-from tests.helpers import BIN, REPO, copy_repo
+from tests.helpers import BIN, REPO, copy_repo, grid_graph
 
 # The smoke profile at one operating point per mode, as the Prefect deployment tests run it: 9 stages.
 RUN = resolve_params(REPO, profile="smoke", betas=[0.004], params={"jpeg": {"qualities": [5]}})
@@ -100,7 +100,7 @@ def test_kfp_local_runs_every_stage_after_its_needs_and_gives_dvc_repros_table(k
     # kfp.local ran the tasks one at a time, each after those of the stages it needs (.after()): by their MLflow runs
     assert all(a["end"] <= b["start"] for (_, _, a), (_, _, b) in zip(runs, runs[1:]))
     times = {stage: t for stage, _, t in runs}
-    needs = stage_graph(parse_params(RUN))
+    needs = grid_graph(parse_params(RUN))
     assert all(times[need]["end"] <= times[stage]["start"] for stage in times for need in needs[stage] if need in times)
     assert not _temporaries(kfp_runs["repo"])
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.stages import stage_graph
 from tactic.config import parse_params
-from tests.helpers import REPO, TINY, copy_repo, repo_params
+from tests.helpers import REPO, TINY, copy_repo, grid_graph, repo_params
 
 # One worker runs them all (`--dist loadgroup`): the server's preload (~8 s) is paid once.
 pytestmark = pytest.mark.xdist_group("stage_server")
@@ -79,6 +78,38 @@ def test_signals_reach_the_served_child_and_a_killed_command_takes_it_along(serv
         while time.time() < deadline and _alive(child):
             time.sleep(0.2)
         assert not _alive(child), f"served child {child} outlived its command ({how.name})"
+
+
+# A served command that runs another (as `pipeline.repro -s` runs its stage under DVC).
+NESTER = """from stages.server import handoff
+
+handoff(__name__)
+
+import subprocess, sys
+subprocess.run([sys.executable, "-m", "sleeper", sys.argv[1]])
+"""
+
+
+@pytest.mark.slow
+def test_a_served_command_s_own_commands_are_served_and_stopped_with_it(server):
+    """The commands a served child starts hand off too (DVC's stage under a served `pipeline.repro`),
+    and stopping the outer command stops the inner one first, as a process group stops under a
+    normal parent; killed outright, both go."""
+    env, home = server
+    (home / "nester.py").write_text(NESTER)
+    for how in (signal.SIGTERM, signal.SIGKILL):
+        before = _served(env)
+        cmd = subprocess.Popen([sys.executable, "-m", "nester", "60"], cwd=home, env=env, stdout=subprocess.PIPE, text=True)
+        inner, _ = map(int, cmd.stdout.readline().split())
+        assert _served(env) == before + 2  # the outer command and the one it started, each in a fork
+        cmd.send_signal(how)
+        assert cmd.wait(timeout=30) == -how
+        if how == signal.SIGTERM:  # stopped, not killed: the inner child was gone before the command ended
+            assert not _alive(inner)
+        deadline = time.time() + 15
+        while time.time() < deadline and _alive(inner):
+            time.sleep(0.2)
+        assert not _alive(inner), f"the inner served child {inner} outlived its command ({how.name})"
 
 
 CUDA_CHILD = """from stages.server import handoff
@@ -145,7 +176,7 @@ def test_results_are_the_same_with_and_without_the_server(server, tmp_path, fmni
             subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
             out = subprocess.run([bin_dir / "dvc", "repro"], cwd=repo, env=run_env, capture_output=True, text=True, timeout=900)
             lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-            commands = [lock[name]["cmd"] for name in stage_graph(parse_params(small))]
+            commands = [lock[name]["cmd"] for name in grid_graph(parse_params(small))]
             assert _served(env) - before == len(commands) == 9  # every stage ran in the server
         else:
             out = subprocess.run([sys.executable, "-c", PLAIN_STAGES, json.dumps(commands)], cwd=repo, capture_output=True,
