@@ -157,13 +157,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.workers:
         os.environ["TACTIC_DASK_WORKERS"] = str(args.workers)
-    address = args.dask_address or os.environ.get("TACTIC_DASK_ADDRESS")
-    with contextlib.ExitStack() as stack:
-        def start_up():  # while a temporary Prefect server boots (~8 s of one core)
-            nonlocal address
-            address = _start_up(stack, address, args.workers)
-
-        with shared_api(meanwhile=start_up):
+    scheduler = args.dask_address or os.environ.get("TACTIC_DASK_ADDRESS")
+    with contextlib.ExitStack() as stack:  # `_start_up` runs while a temporary Prefect server boots (~8 s of one core)
+        with shared_api(meanwhile=lambda: _start_up(stack, scheduler, args.workers)) as address:
             tactic.with_options(task_runner=DaskTaskRunner(address=address))(profile=args.profile)
 
 
@@ -193,24 +189,23 @@ def shared_api(meanwhile=lambda: None):
     Prefect starts a temporary server in the flow's process, and every Dask worker process, its own
     local cluster's included, would start a temporary server of its own (~10 s each, on the cores the
     stages need) and record its task runs there, out of the flow run's sight. So the temporary server
-    is started here (pipeline/server.py `Temporary`), `meanwhile` runs while it boots, and it is named
-    in the settings that travel with every task. It listens on 127.0.0.1: workers on other machines
-    need a real server (`PREFECT_API_URL`)."""
+    is started here (pipeline/server.py `Temporary`), `meanwhile` runs while it boots (what it returns
+    is yielded), and it is named in the settings that travel with every task. It listens on
+    127.0.0.1: workers on other machines need a real server (`PREFECT_API_URL`)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
-        meanwhile()
-        yield
+        yield meanwhile()
         return
     from pipeline.server import Temporary
 
     api = Temporary()  # stopped at exit, after Prefect's own exit handlers have sent it their last logs
-    meanwhile()
+    result = meanwhile()
     # It took 6.7-15.8 s on 2 cores (benchmarks/orchestration.py prints it): Prefect's own default
     # wait, 20 s, would be too close.
     print(f"temporary Prefect server at {api.url}, started in {api.ready():.1f} s", flush=True)
     with temporary_settings(updates={PREFECT_API_URL: api.url}):
-        yield
+        yield result
 
 
 if __name__ == "__main__":
