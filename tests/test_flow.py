@@ -1,8 +1,10 @@
 """The Prefect flow: parameters, the stage graph, stage failures, and (slow) a real server and deployment."""
+import contextlib
 import json
 import os
 import random
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -144,7 +146,8 @@ def flow_runs(tmp_path_factory, fmnist_root):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp_path / "prefect"),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_UI_ENABLED": "false",  # the API is all these tests read; the UI's assets cost start-up time
-           "MLFLOW_TRACKING_URI": db, "PYTHONPATH": str(repo), "TACTIC_DASK_WORKERS": "2", "PYTHONUNBUFFERED": "1"}
+           "MLFLOW_TRACKING_URI": db, "PYTHONPATH": str(repo), "TACTIC_DASK_WORKERS": "2", "PYTHONUNBUFFERED": "1",
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}  # the server migrates its new database and keeps the template
     logs = tmp_path / "logs"
     logs.mkdir()
     served = None
@@ -247,6 +250,38 @@ def test_compare_prints_the_operating_points_of_a_flow_run(flow_runs):
                          env=flow_runs["env"], capture_output=True, text=True)
     assert out.returncode == 0 and "| aware | beta=0.004 | 1 |" in out.stdout, out.stderr
     assert csv.read_text().startswith("mode,beta,quality,bpp")
+
+
+@pytest.mark.slow
+@PREFECT
+def test_a_prefect_server_on_a_new_home_starts_from_the_migrated_template(flow_runs, tmp_path):
+    """The fixture's server migrated its new database and kept an empty copy; a flow's temporary
+    server on another new home starts from that copy (no migrations) and works; what either records
+    never reaches the template."""
+    script = """
+import sys
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from pipeline.server import Temporary
+api = Temporary()
+print("migrating" if api.fresh else "seeded", flush=True)
+api.ready()
+with temporary_settings({PREFECT_API_URL: api.url}), get_client(sync_client=True) as client:
+    client.create_flow_from_name("second")
+    print(sorted(f.name for f in client.read_flows()))
+"""
+    env = {k: v for k, v in flow_runs["env"].items() if k != "PREFECT_API_URL"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**env, "PREFECT_HOME": str(tmp_path / "home")},
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and out.stdout.split() == ["seeded", "['second']"], out.stdout + out.stderr[-3000:]
+    [template] = (flow_runs["tmp"] / "cache" / "tactic").glob("prefect-*.db")
+
+    def rows(db, table):
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+    assert rows(template, "alembic_version") == 1 and rows(template, "block_type") > 0
+    assert rows(template, "flow") == 0 and rows(flow_runs["tmp"] / "prefect" / "prefect.db", "flow") == 1  # `tactic`
 
 
 def _dvc_repo(tmp_path: Path) -> Path:
