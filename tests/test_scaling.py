@@ -291,17 +291,21 @@ def test_a_worker_killed_mid_stage_takes_its_stage_along_and_the_flow_finishes_o
     stage, (alive,) = killed["stage"], set(dask_run["workers"]) - {killed["worker"]}
     # Its `dvc repro` and the stage process (a fork of the stage server, or a process of its own) do
     # not outlive the worker: the guard between them (pipeline.stages.run_guarded) stops them, so
-    # nothing writes on beside the copy that Dask reschedules. The stage ends its MLflow run KILLED.
-    assert killed.get("gone_after_s", 1e9) < GUARD_GRACE_S + 1 and killed["status_then"] == "KILLED", killed
+    # nothing writes on beside the copy that Dask reschedules. The stage ends its MLflow run KILLED;
+    # by the time the watcher sees its processes gone, the rerun on the other worker may already have
+    # resumed that run (RUNNING again), which then says how it ended: `tactic.resumed_after`, from the
+    # reason the killed stage tagged while it unwound (a stage dead without unwinding leaves none).
+    runs = dask_run["mlflow"]
+    mine = [(status, t) for s, status, t in runs if s == stage]
+    resumed = len(mine) == 1 and mine[0][1].get("tactic.resumed_after") == "Terminated: SIGTERM"
+    assert killed.get("gone_after_s", 1e9) < GUARD_GRACE_S + 1 and (killed["status_then"] == "KILLED" or resumed), (killed, mine)
     # Dask rescheduled the lost task on the other worker, which ran it to the end.
     log = dask_run["logs"][alive]
     assert f"{stage} ran on Dask worker {dask_run['workers'][alive]}" in log, log[-3000:]
     assert (dask_run["repo"] / "results/table.md").read_text() == reference  # so resuming changed nothing
-    runs = dask_run["mlflow"]
     assert "RUNNING" not in {status for _, status, _ in runs}, runs
     # The rerun resumed the killed run from its last checkpoint (the same MLflow run, now FINISHED), or,
     # killed before its first checkpoint was written, started a new one beside the KILLED run.
-    mine = [(status, t) for s, status, t in runs if s == stage]
     assert [status for status, _ in mine] in (["FINISHED"], ["KILLED", "FINISHED"]), mine
     if len(mine) == 1:
         assert mine[0][1].get("tactic.resumed_after") == "Terminated: SIGTERM", mine
