@@ -13,7 +13,9 @@ every flow and KFP task's does), then
   (`dask scheduler`, `--workers` x `dask worker --nthreads 1`), given by `--dask-address`, as on a
   real cluster; the time to start the cluster is printed apart, not counted;
 - `kfp`: `tactic kubeflow run-local`, DVC's graph through kfp.local (one task at a time),
-and prints each wall time as a ratio to `dvc repro`'s in the same run, and for the parallel legs how many
+and prints each wall time as a ratio to `dvc repro`'s in the same run (with `--aba`, `dvc repro` runs
+again after the other legs and the ratios are taken against the mean of its two runs: this machine's
+speed drifts by a third within an hour, and the second run shows by how much it did), and for the parallel legs how many
 training stages ran at once (the most MLflow stage runs open at the same moment). On the smoke profile
 the ratios show what Prefect, Dask and KFP add; on the default profile, whether the fan-out over the
 cores beats DVC's serial run. Under each leg, where its time went (`phases`: the engine's start before
@@ -122,6 +124,7 @@ def main():
     ap.add_argument("--profile", default="smoke")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--skip", default="", help="comma-separated: jobs, flow, cluster, kfp (dvc repro always runs)")
+    ap.add_argument("--aba", action="store_true", help="run dvc repro again at the end; ratios against the mean of both")
     args = ap.parse_args()
     skip = {s for s in args.skip.split(",") if s}
     # Every engine runs its stages as `make run` does, forked from the stage server (the flow would
@@ -145,7 +148,10 @@ def main():
         print(f"profile {args.profile}: dvc repro {t_dvc:.1f} s\n    {phases(env['MLFLOW_TRACKING_URI'], dvc.launched, dvc.ended, 1)}",
               flush=True)
 
+        legs = []
+
         def report(what, leg: Leg, env, extra="", lanes=args.workers):
+            legs.append((what, leg.seconds))
             db = env["MLFLOW_TRACKING_URI"]
             at_once = f"; training stages at once: at most {most_at_once(db)}" if "kfp" not in what else ""
             started = "".join(f"\n    {line}" for line in leg.output.splitlines() if "started in" in line)  # the flow's own server
@@ -175,6 +181,15 @@ def main():
             repo, env = checkout("kfp")
             report("kfp.local (tactic kubeflow run-local, one task at a time)", timed([BIN / "tactic", "kubeflow", "run-local"], repo, env), env,
                    lanes=1)
+        if args.aba:
+            repo, env = checkout("dvc-again")
+            again = timed([sys.executable, "-m", "pipeline.repro"], repo, env)
+            mean = (t_dvc + again.seconds) / 2
+            print(f"dvc repro again: {again.seconds:.1f} s ({again.seconds / t_dvc:.2f}x the first)\n"
+                  f"    {phases(env['MLFLOW_TRACKING_URI'], again.launched, again.ended, 1)}\n"
+                  f"against the mean of both ({mean:.1f} s): "
+                  + "; ".join(f"{what.split(' (')[0]} {seconds / mean:.2f} ({mean / seconds:.2f}x faster)" for what, seconds in legs),
+                  flush=True)
 
 
 if __name__ == "__main__":
