@@ -119,10 +119,10 @@ def _show_progress(futures: dict) -> None:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     artifact = create_progress_artifact(0.0, key="tactic-progress", description=f"stages done, of {len(futures)}")
-    wrapped = [future.wrapped_future for future in futures.values()]
-    names = {id(w): future for w, future in zip(wrapped, futures.values())}
-    for done, wrapped in enumerate(as_completed(wrapped, loop=wrapped[0].client.loop), 1):
-        future = names[id(wrapped)]
+    by_id = {id(future.wrapped_future): future for future in futures.values()}
+    dask_futures = [future.wrapped_future for future in futures.values()]
+    for done, ended in enumerate(as_completed(dask_futures, loop=dask_futures[0].client.loop), 1):
+        future = by_id[id(ended)]
         future.wait()  # keeps the final state the task returned: `state` asks nothing more
         update_progress_artifact(artifact, 100.0 * done / len(futures), description=f"{done} of {len(futures)} stages done")
         if not future.state.is_completed():

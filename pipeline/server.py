@@ -52,30 +52,44 @@ def _database() -> Optional[Path]:
 
 def seed() -> Optional[Path]:
     """Give a server about to start on a new SQLite database the template's copy; returns the
-    database to `keep` once the server has migrated it where there was no template yet."""
+    database to `keep` once the server has migrated it where there was no template (or an unusable
+    one: the server then migrates as it would have anyway)."""
     db = _database()
     if db is None or db.exists():
         return None
-    if not template().is_file():
-        return db
-    db.parent.mkdir(parents=True, exist_ok=True)
-    _copy(template(), db)
-    return None
+    if template().is_file():
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            _copy(template(), db)
+            return None
+        except (OSError, sqlite3.Error) as err:
+            print(f"Prefect database template {template()} not used ({err}); the server migrates a new one", file=sys.stderr)
+            db.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                template().unlink()  # its replacement is kept once this server has migrated
+    return db
 
 
 def keep(db: Optional[Path]) -> None:
-    """Keep a freshly migrated database as the template (before any run is recorded in it)."""
+    """Keep a freshly migrated database as the template (before any run is recorded in it). Only
+    a speed-up: where the cache cannot be written, the next new home migrates again."""
     if db is not None and db.is_file() and not template().is_file():
-        template().parent.mkdir(parents=True, exist_ok=True)
-        _copy(db, template())
+        try:
+            template().parent.mkdir(parents=True, exist_ok=True)
+            _copy(db, template())
+        except (OSError, sqlite3.Error) as err:
+            print(f"Prefect database template not kept at {template()} ({err})", file=sys.stderr)
 
 
 def _copy(src: Path, dest: Path) -> None:
     """SQLite's online backup (consistent while a server has the source open), then a rename."""
     part = dest.with_name(f".{dest.name}.{os.getpid()}")
-    with contextlib.closing(sqlite3.connect(src)) as a, contextlib.closing(sqlite3.connect(part)) as b:
-        a.backup(b)
-    os.replace(part, dest)
+    try:
+        with contextlib.closing(sqlite3.connect(src)) as a, contextlib.closing(sqlite3.connect(part)) as b:
+            a.backup(b)
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def healthy(url: str, timeout: float = 3) -> bool:

@@ -284,6 +284,23 @@ with temporary_settings({PREFECT_API_URL: api.url}), get_client(sync_client=True
     assert rows(template, "flow") == 0 and rows(flow_runs["tmp"] / "prefect" / "prefect.db", "flow") == 1  # `tactic`
 
 
+
+def test_an_unusable_prefect_template_is_dropped_and_the_server_migrates(tmp_path):
+    """The template only saves time: a corrupt one is reported, removed (the next migrating server
+    keeps a good one) and leaves the new home empty, for the server to migrate as without it."""
+    script = """
+from pipeline import server
+server.template().parent.mkdir(parents=True)
+server.template().write_bytes(b"not a database " * 100)
+print(server.seed())
+print(server.template().exists(), sorted(p.name for p in server._database().parent.iterdir()))
+"""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PREFECT_HOME": str(tmp_path / "home")}
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == [str(tmp_path / "home" / "prefect.db"), "False []"], out.stdout
+    assert "not used (file is not a database)" in out.stderr
+
 def _dvc_repo(tmp_path: Path) -> Path:
     repo = tmp_path / "locks"
     repo.mkdir()
