@@ -284,7 +284,6 @@ with temporary_settings({PREFECT_API_URL: api.url}), get_client(sync_client=True
     assert rows(template, "flow") == 0 and rows(flow_runs["tmp"] / "prefect" / "prefect.db", "flow") == 1  # `tactic`
 
 
-
 def test_an_unusable_prefect_template_is_dropped_and_the_server_migrates(tmp_path):
     """The template only saves time: a corrupt one is reported, removed (the next migrating server
     keeps a good one) and leaves the new home empty, for the server to migrate as without it."""
