@@ -21,7 +21,8 @@ What keeps a fork honest:
 - the server imports no module of this project: `tactic`, `stages` and `pipeline` are imported
   fresh in every child, from the command's own sys.path, so an edit or another checkout is never stale;
 - it initialises no CUDA context, no OpenMP thread pool and no database connection before forking
-  (imports only), so each child sets up its own threads, device and MLflow store;
+  (imports only), so each child sets up its own threads, device and MLflow store; a CUDA driver
+  initialised by an import (which a forked child cannot use) stops the server, naming the import;
 - SIGINT/SIGTERM/SIGHUP sent to the command are forwarded to the child's process group; if the
   command is killed outright (SIGKILL), the child notices the closed connection and kills its group;
 - the socket's name carries a fingerprint of the venv's site-packages, so after an install changes
@@ -268,6 +269,19 @@ def _run_module(module: str, argv: list[str]) -> int:
     return code
 
 
+def cuda_driver_initialised() -> bool:
+    """Whether this process has initialised the CUDA driver, asked without initialising it: until
+    cuInit has run, every driver call answers CUDA_ERROR_NOT_INITIALIZED (3). False without a driver."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int()
+    return driver.cuDeviceGetCount(ctypes.byref(count)) != 3
+
+
 class Server:
     def __init__(self, path: str, idle: float):
         self.path, self.idle = path, idle
@@ -281,13 +295,26 @@ class Server:
 
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
         import matplotlib
+        import torch
 
         matplotlib.use("Agg")  # headless, as the report stage sets it
-        for name in PRELOAD:
-            try:
-                importlib.import_module(name)
-            except ImportError as err:  # an optional library missing only costs its children the import
-                print(f"stage server: not preloaded: {name} ({err})", file=sys.stderr)
+        # CompressAI imports torch_geometric, whose import reads torch's build report for one flag
+        # (torch.__config__.show(), for USE_MKL); that report asks the CUDA runtime for devices, which
+        # initialises the driver (seen on an H200: every served child's first CUDA call then failed with
+        # "initialization error"). While preloading, the report is the flag alone.
+        show = torch.__config__.show
+        torch.__config__.show = lambda: f"USE_MKL={'ON' if torch.backends.mkl.is_available() else 'OFF'}"
+        try:
+            for name in PRELOAD:
+                try:
+                    importlib.import_module(name)
+                except ImportError as err:  # an optional library missing only costs its children the import
+                    print(f"stage server: not preloaded: {name} ({err})", file=sys.stderr)
+                if cuda_driver_initialised():
+                    raise RuntimeError(f"stage server: importing {name} initialised the CUDA driver, which a forked "
+                                       "child cannot use; not serving (stages run as normal processes)")
+        finally:
+            torch.__config__.show = show
         leaked = [m for m in sys.modules if m.split(".")[0] in PROJECT_PACKAGES and m != "stages" and m != __name__]
         if leaked:
             raise RuntimeError(f"stage server: project modules imported before forking: {leaked}")
@@ -409,9 +436,9 @@ def start(idle: float, wait: float) -> int:
     path = socket_path()
     log = path.removesuffix(".sock") + ".log"
     with open(log, "ab") as out:
-        subprocess.Popen([sys.executable, "-m", "stages.server", "serve", "--idle", str(idle)], stdin=subprocess.DEVNULL,
-                         stdout=out, stderr=out, start_new_session=True, cwd="/",
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+        proc = subprocess.Popen([sys.executable, "-m", "stages.server", "serve", "--idle", str(idle)],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, cwd="/",
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
     if wait <= 0:  # the caller goes on: stages that start before the server listens run as normal processes
         print(f"stage server starting in the background (log {log})")
         return 0
@@ -421,6 +448,11 @@ def start(idle: float, wait: float) -> int:
         if info:
             print(f"stage server {info['pid']} started ({path}; log {log})")
             return 0
+        if proc.poll() is not None:
+            with open(log, "rb") as f:
+                last = f.read().decode(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            print(f"stage server exited before serving (log {log}): {last[0]}", file=sys.stderr)
+            return 1
         time.sleep(0.2)
     print(f"stage server: not answering after {wait:.0f} s (see {log}); stages run as normal processes", file=sys.stderr)
     return 1

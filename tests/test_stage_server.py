@@ -134,6 +134,36 @@ def test_a_served_child_can_use_cuda(server):
     assert _served(env) == before + 1
 
 
+# Imported by the preload below in place of CompressAI: it reads torch's build report at import, as
+# torch_geometric (which CompressAI imports) does, and it is where the fake driver gets initialised.
+GEOMETRIC_LIKE = """import torch
+REPORT = torch.__config__.show()
+"""
+
+
+def test_preloading_never_asks_cuda_and_stops_at_an_import_that_initialises_the_driver(monkeypatch, tmp_path):
+    """torch's build report asks the CUDA runtime for devices, which initialises the driver (seen on an
+    H200, through CompressAI's import of torch_geometric): while the server preloads, the report is
+    the one flag torch_geometric reads. An import that initialises the driver anyway stops the
+    server, naming the import, instead of forking children whose first CUDA call fails."""
+    import torch
+
+    from stages import server as srv
+
+    name = f"geometric_like_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text(GEOMETRIC_LIKE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(srv, "PRELOAD", ("json", name))
+    monkeypatch.setattr(srv, "cuda_driver_initialised", lambda: name in sys.modules)
+    real = torch.__config__.show
+    with pytest.raises(RuntimeError, match=f"importing {name} initialised the CUDA driver"):
+        srv.Server("unused", 1).preload()
+    assert torch.__config__.show is real  # children get torch's own report
+    report = sys.modules[name].REPORT
+    assert ("USE_MKL=ON" in real()) == ("USE_MKL=ON" in report) and "CUDA" not in report
+    sys.modules.pop(name)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
