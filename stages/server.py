@@ -271,10 +271,15 @@ def _run_module(module: str, argv: list[str]) -> int:
 
 def cuda_driver_initialised() -> bool:
     """Whether this process has initialised the CUDA driver, asked without initialising it: until
-    cuInit has run, every driver call answers CUDA_ERROR_NOT_INITIALIZED (3). False without a driver."""
+    cuInit has run, every driver call answers CUDA_ERROR_NOT_INITIALIZED (3). Asked only where the
+    driver's library is loaded already (the CUDA runtime loads it on first use): loading it here would
+    put it in every fork."""
     import ctypes
 
     try:
+        with open("/proc/self/maps") as maps:
+            if "/libcuda.so" not in maps.read():
+                return False
         driver = ctypes.CDLL("libcuda.so.1")
     except OSError:
         return False
