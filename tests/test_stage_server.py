@@ -164,6 +164,33 @@ def test_preloading_never_asks_cuda_and_stops_at_an_import_that_initialises_the_
     sys.modules.pop(name)
 
 
+# Starts a server from this repository's `start`, whose `python -m stages.server serve` finds a
+# `stages` package that exits at once (as a server does when its preload fails) first on its path.
+START_A_DYING_SERVER = """import sys
+from stages import server
+sys.path.insert(0, sys.argv[1])
+sys.exit(server.start(idle=60, wait=120))
+"""
+
+
+def test_start_reports_a_server_that_exits_before_serving(tmp_path):
+    fake = tmp_path / "fake" / "stages"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "server.py").write_text("import sys\nsys.exit('stage server: could not preload (a stand-in)')\n")
+    home = Path(tempfile.mkdtemp(prefix="tss", dir="/tmp"))  # short: the socket's path would be under it
+    env = {**os.environ, "TMPDIR": str(home), "PYTHONPATH": str(REPO)}
+    env.pop("XDG_RUNTIME_DIR", None)
+    try:
+        out = subprocess.run([sys.executable, "-c", START_A_DYING_SERVER, str(fake.parent)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=150)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    # Reported as it happened, with its reason, not after waiting out the 120 s for an answer.
+    assert out.returncode == 1 and "exited before serving" in out.stderr, out.stderr
+    assert "stage server: could not preload (a stand-in)" in out.stderr
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
