@@ -10,6 +10,10 @@ from tactic.config import parse_params
 from tactic.data import fashion_mnist
 from tests.helpers import FMNIST_ROOT, TINY
 
+# The DVC repositories tests make with `dvc init` would otherwise report usage: every DVC command there
+# started a `dvc daemon analytics` process (25 in a suite run, ~14 CPU-seconds) that tries the network.
+os.environ["DVC_NO_ANALYTICS"] = "1"
+
 # The tests that run the pipeline through subprocesses, longest first.
 LONGEST = ("test_a_failing_stage_fails_the_flow_run_with_its_own_message",
            "test_kfp_local_runs_every_stage_after_its_needs_and_gives_dvc_repros_table",  # the scaling group: ~110 s
