@@ -2,9 +2,11 @@
 
     python benchmarks/orchestration.py [--profile smoke] [--workers 2] [--skip cluster,kfp]
 
-Runs each in a fresh copy of the repo (so none finds another's outputs): first `dvc repro` (serial,
-DVC alone, as `make run` runs it: `python -m pipeline.repro`, whose lock file libyaml writes, as
-every flow and KFP task's does), then
+Runs each in a fresh copy of the repo (so none finds another's outputs): first the serial baseline,
+`dvc repro` (DVC alone; `--baseline repro`, the default: as `make run` ran it, `python -m
+pipeline.repro`, whose lock file libyaml writes, as every flow and KFP task's does; `--baseline dvc`:
+DVC's own `dvc repro`, which rewrites `dvc.lock` with its round-trip YAML after every stage, and then
+`python -m pipeline.repro` as a leg of its own), then
 - `jobs`: `python -m pipeline.repro --jobs WORKERS`, the same stages `--workers` at a time, each a
   `dvc repro -s` of its own with cores // workers torch threads (what `make run` runs since then);
 - `flow`: the `tactic` flow on its own local Dask cluster (`--workers` single-threaded worker
@@ -123,8 +125,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="smoke")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
-    ap.add_argument("--skip", default="", help="comma-separated: jobs, flow, cluster, kfp (dvc repro always runs)")
+    ap.add_argument("--skip", default="", help="comma-separated: repro, jobs, flow, cluster, kfp (the baseline always runs)")
     ap.add_argument("--aba", action="store_true", help="run dvc repro again at the end; ratios against the mean of both")
+    ap.add_argument("--baseline", choices=("repro", "dvc"), default="repro",
+                    help="the serial run the ratios are against: `python -m pipeline.repro` or DVC's own `dvc repro`")
     args = ap.parse_args()
     skip = {s for s in args.skip.split(",") if s}
     # Every engine runs its stages as `make run` does, forked from the stage server (the flow would
@@ -142,10 +146,12 @@ def main():
             repo = copy_repo(tmp / name, args.profile)
             return repo, {**base, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/{name}.db", "PYTHONPATH": str(repo)}
 
+        serial = [BIN / "dvc", "repro"] if args.baseline == "dvc" else [sys.executable, "-m", "pipeline.repro"]
+        named = "dvc repro (DVC's own)" if args.baseline == "dvc" else "dvc repro (as pipeline.repro)"
         repo, env = checkout("dvc")
-        dvc = timed([sys.executable, "-m", "pipeline.repro"], repo, env)
+        dvc = timed(serial, repo, env)
         t_dvc = dvc.seconds
-        print(f"profile {args.profile}: dvc repro {t_dvc:.1f} s\n    {phases(env['MLFLOW_TRACKING_URI'], dvc.launched, dvc.ended, 1)}",
+        print(f"profile {args.profile}: {named} {t_dvc:.1f} s\n    {phases(env['MLFLOW_TRACKING_URI'], dvc.launched, dvc.ended, 1)}",
               flush=True)
 
         legs = []
@@ -155,9 +161,13 @@ def main():
             db = env["MLFLOW_TRACKING_URI"]
             at_once = f"; training stages at once: at most {most_at_once(db)}" if "kfp" not in what else ""
             started = "".join(f"\n    {line}" for line in leg.output.splitlines() if "started in" in line)  # the flow's own server
-            print(f"  {what}: {leg.seconds:.1f} s, ratio to dvc repro {leg.seconds / t_dvc:.2f}{at_once}{extra}\n"
+            print(f"  {what}: {leg.seconds:.1f} s, ratio to {named} {leg.seconds / t_dvc:.2f}{at_once}{extra}\n"
                   f"    {phases(db, leg.launched, leg.ended, lanes)}{started}", flush=True)
 
+        if args.baseline == "dvc" and "repro" not in skip:
+            repo, env = checkout("repro")
+            report("pipeline.repro (serial, libyaml's lock writer)", timed([sys.executable, "-m", "pipeline.repro"], repo, env), env,
+                   lanes=1)
         if "jobs" not in skip:
             repo, env = checkout("jobs")
             report(f"pipeline.repro --jobs {args.workers}",
@@ -183,9 +193,9 @@ def main():
                    lanes=1)
         if args.aba:
             repo, env = checkout("dvc-again")
-            again = timed([sys.executable, "-m", "pipeline.repro"], repo, env)
+            again = timed(serial, repo, env)
             mean = (t_dvc + again.seconds) / 2
-            print(f"dvc repro again: {again.seconds:.1f} s ({again.seconds / t_dvc:.2f}x the first)\n"
+            print(f"{named} again: {again.seconds:.1f} s ({again.seconds / t_dvc:.2f}x the first)\n"
                   f"    {phases(env['MLFLOW_TRACKING_URI'], again.launched, again.ended, 1)}\n"
                   f"against the mean of both ({mean:.1f} s): "
                   + "; ".join(f"{what.split(' (')[0]} {seconds / mean:.2f} ({mean / seconds:.2f}x faster)" for what, seconds in legs),
