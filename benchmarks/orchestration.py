@@ -1,6 +1,6 @@
 """Orchestration overhead: the same profile through `dvc repro`, the Prefect flow on Dask, and kfp.local.
 
-    python benchmarks/orchestration.py [--profile smoke] [--workers 2] [--skip cluster,kfp]
+    python benchmarks/orchestration.py [--profile smoke] [--workers 2] [--skip cluster,kfp] [--baseline dvc] [--aba]
 
 Runs each in a fresh copy of the repo (so none finds another's outputs): first the serial baseline,
 `dvc repro` (DVC alone; `--baseline repro`, the default: as `make run` ran it, `python -m
