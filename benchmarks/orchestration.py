@@ -146,7 +146,8 @@ def main():
             repo = copy_repo(tmp / name, args.profile)
             return repo, {**base, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/{name}.db", "PYTHONPATH": str(repo)}
 
-        serial = [BIN / "dvc", "repro"] if args.baseline == "dvc" else [sys.executable, "-m", "pipeline.repro"]
+        repro = [sys.executable, "-m", "pipeline.repro"]
+        serial = [BIN / "dvc", "repro"] if args.baseline == "dvc" else repro
         named = "dvc repro (DVC's own)" if args.baseline == "dvc" else "dvc repro (as pipeline.repro)"
         repo, env = checkout("dvc")
         dvc = timed(serial, repo, env)
@@ -166,12 +167,11 @@ def main():
 
         if args.baseline == "dvc" and "repro" not in skip:
             repo, env = checkout("repro")
-            report("pipeline.repro (serial, libyaml's lock writer)", timed([sys.executable, "-m", "pipeline.repro"], repo, env), env,
-                   lanes=1)
+            report("pipeline.repro (serial, libyaml's lock writer)", timed(repro, repo, env), env, lanes=1)
         if "jobs" not in skip:
             repo, env = checkout("jobs")
             report(f"pipeline.repro --jobs {args.workers}",
-                   timed([sys.executable, "-m", "pipeline.repro", "--jobs", str(args.workers)], repo, env), env)
+                   timed([*repro, "--jobs", str(args.workers)], repo, env), env)
         if "flow" not in skip:
             repo, env = checkout("flow")
             report(f"Prefect flow, its own local Dask cluster ({args.workers} workers)",

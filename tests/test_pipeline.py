@@ -58,8 +58,9 @@ def test_dvc_repro_runs_the_grid_then_does_nothing(tmp_path, fmnist_root, _mlflo
     # Two at a time: two training stages were running at once, by pipeline.repro's account (it prints
     # "[k/n] <stage> started", and a stage's output when it ends). Whether their commands overlapped is
     # up to DVC's repo lock, which each `dvc repro -s` holds before and after its command while the
-    # other retries after a jittered wait: with stages of a second or two they can miss each other (a
-    # CI run saw the nine one after another in MLflow's run times), so those are not asserted on here.
+    # other waits for it (DVC's own retries, 0.5 s apart): with stages of a second or two they can miss
+    # each other (a CI run saw the nine one after another in MLflow's run times), so those are not
+    # asserted on here.
     running, most = set(), 0
     for line in first.stdout.splitlines():
         if m := re.fullmatch(r"\[\d+/9\] (\S+) started", line):
