@@ -1,6 +1,6 @@
 """Orchestration overhead: the same profile through `dvc repro`, the Prefect flow on Dask, and kfp.local.
 
-    python benchmarks/orchestration.py [--profile smoke] [--workers 2] [--skip cluster,kfp] [--baseline dvc] [--aba]
+    python benchmarks/orchestration.py [--profile smoke] [--workers 2] [--skip cluster,kfp] [--baseline dvc] [--aba [--rounds N]]
 
 Runs each in a fresh copy of the repo (so none finds another's outputs): first the serial baseline,
 `dvc repro` (DVC alone; `--baseline repro`, the default: as `make run` ran it, `python -m
@@ -9,15 +9,17 @@ DVC's own `dvc repro`, which rewrites `dvc.lock` with its round-trip YAML after 
 `python -m pipeline.repro` as a leg of its own), then
 - `jobs`: `python -m pipeline.repro --jobs WORKERS`, the same stages `--workers` at a time, each a
   `dvc repro -s` of its own with cores // workers torch threads (what `make run` runs since then);
-- `flow`: the `tactic` flow on its own local Dask cluster (`--workers` single-threaded worker
-  processes that the flow starts; a temporary Prefect server);
+- `flow`: the `tactic` flow on its own local Dask cluster (`--workers` single-threaded workers,
+  threads of the flow's process; a temporary Prefect server);
 - `cluster`: the same flow on a Dask cluster started beforehand as separate processes on loopback
   (`dask scheduler`, `--workers` x `dask worker --nthreads 1`), given by `--dask-address`, as on a
   real cluster; the time to start the cluster is printed apart, not counted;
 - `kfp`: `tactic kubeflow run-local`, DVC's graph through kfp.local (one task at a time),
 and prints each wall time as a ratio to `dvc repro`'s in the same run (with `--aba`, `dvc repro` runs
 again after the other legs and the ratios are taken against the mean of its two runs: this machine's
-speed drifts by a third within an hour, and the second run shows by how much it did), and for the parallel legs how many
+speed drifts by a third within an hour, and the second run shows by how much it did; `--rounds N`
+alternates the other legs and `dvc repro` N times, each round against the runs around it, and prints
+each leg's ratios and their mean), and for the parallel legs how many
 training stages ran at once (the most MLflow stage runs open at the same moment). On the smoke profile
 the ratios show what Prefect, Dask and KFP add; on the default profile, whether the fan-out over the
 cores beats DVC's serial run. Under each leg, where its time went (`phases`: the engine's start before
@@ -127,9 +129,13 @@ def main():
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--skip", default="", help="comma-separated: repro, jobs, flow, cluster, kfp (the baseline always runs)")
     ap.add_argument("--aba", action="store_true", help="run dvc repro again at the end; ratios against the mean of both")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --aba: the other legs and a dvc repro after them, this many times (dvc, legs, dvc, legs, dvc...)")
     ap.add_argument("--baseline", choices=("repro", "dvc"), default="repro",
                     help="the serial run the ratios are against: `python -m pipeline.repro` or DVC's own `dvc repro`")
     args = ap.parse_args()
+    if args.rounds > 1 and not args.aba:
+        ap.error("--rounds needs --aba: each round's ratios are against the dvc repro runs before and after it")
     skip = {s for s in args.skip.split(",") if s}
     # Every engine runs its stages as `make run` does, forked from the stage server (the flow would
     # start one anyway): without it `dvc repro` alone pays ~8 s of imports a stage and loses unfairly.
@@ -154,53 +160,62 @@ def main():
         t_dvc = dvc.seconds
         print(f"profile {args.profile}: {named} {t_dvc:.1f} s\n    {phases(env['MLFLOW_TRACKING_URI'], dvc.launched, dvc.ended, 1)}",
               flush=True)
+        ratios: dict[str, list[float]] = {}  # leg -> its time over the mean of the dvc repro runs around it, by round
+        for n in range(1, args.rounds + 1):
+            legs = []
+            suffix = f"-{n}" if args.rounds > 1 else ""
 
-        legs = []
+            def report(what, leg: Leg, env, extra="", lanes=args.workers):
+                legs.append((what, leg.seconds))
+                db = env["MLFLOW_TRACKING_URI"]
+                at_once = f"; training stages at once: at most {most_at_once(db)}" if "kfp" not in what else ""
+                started = "".join(f"\n    {line}" for line in leg.output.splitlines() if "started in" in line)  # the flow's own server
+                print(f"  {what}: {leg.seconds:.1f} s, ratio to {named} {leg.seconds / t_dvc:.2f}{at_once}{extra}\n"
+                      f"    {phases(db, leg.launched, leg.ended, lanes)}{started}", flush=True)
 
-        def report(what, leg: Leg, env, extra="", lanes=args.workers):
-            legs.append((what, leg.seconds))
-            db = env["MLFLOW_TRACKING_URI"]
-            at_once = f"; training stages at once: at most {most_at_once(db)}" if "kfp" not in what else ""
-            started = "".join(f"\n    {line}" for line in leg.output.splitlines() if "started in" in line)  # the flow's own server
-            print(f"  {what}: {leg.seconds:.1f} s, ratio to {named} {leg.seconds / t_dvc:.2f}{at_once}{extra}\n"
-                  f"    {phases(db, leg.launched, leg.ended, lanes)}{started}", flush=True)
-
-        if args.baseline == "dvc" and "repro" not in skip:
-            repo, env = checkout("repro")
-            report("pipeline.repro (serial, libyaml's lock writer)", timed(repro, repo, env), env, lanes=1)
-        if "jobs" not in skip:
-            repo, env = checkout("jobs")
-            report(f"pipeline.repro --jobs {args.workers}",
-                   timed([*repro, "--jobs", str(args.workers)], repo, env), env)
-        if "flow" not in skip:
-            repo, env = checkout("flow")
-            report(f"Prefect flow, its own local Dask cluster ({args.workers} workers)",
-                   timed([sys.executable, "-m", "pipeline.flow", "--workers", str(args.workers)], repo, env), env)
-        if "cluster" not in skip:
-            repo, env = checkout("cluster")
-            t0 = time.perf_counter()
-            address, procs = start_cluster(tmp, repo, env, args.workers)
-            started = time.perf_counter() - t0
-            try:
-                leg = timed([sys.executable, "-m", "pipeline.flow", "--dask-address", address], repo, env)
-            finally:
-                stop_groups(procs)
-            report(f"Prefect flow on a Dask cluster of separate processes ({args.workers} workers, --dask-address)", leg, env,
-                   f" (the cluster took {started:.1f} s to start, not counted)")
-        if "kfp" not in skip:
-            repo, env = checkout("kfp")
-            report("kfp.local (tactic kubeflow run-local, one task at a time)", timed([BIN / "tactic", "kubeflow", "run-local"], repo, env), env,
-                   lanes=1)
-        if args.aba:
-            repo, env = checkout("dvc-again")
+            if args.baseline == "dvc" and "repro" not in skip:
+                repo, env = checkout("repro" + suffix)
+                report("pipeline.repro (serial, libyaml's lock writer)", timed(repro, repo, env), env, lanes=1)
+            if "jobs" not in skip:
+                repo, env = checkout("jobs" + suffix)
+                report(f"pipeline.repro --jobs {args.workers}",
+                       timed([*repro, "--jobs", str(args.workers)], repo, env), env)
+            if "flow" not in skip:
+                repo, env = checkout("flow" + suffix)
+                report(f"Prefect flow, its own local Dask cluster ({args.workers} workers)",
+                       timed([sys.executable, "-m", "pipeline.flow", "--workers", str(args.workers)], repo, env), env)
+            if "cluster" not in skip:
+                repo, env = checkout("cluster" + suffix)
+                t0 = time.perf_counter()
+                address, procs = start_cluster(tmp, repo, env, args.workers)
+                started = time.perf_counter() - t0
+                try:
+                    leg = timed([sys.executable, "-m", "pipeline.flow", "--dask-address", address], repo, env)
+                finally:
+                    stop_groups(procs)
+                report(f"Prefect flow on a Dask cluster of separate processes ({args.workers} workers, --dask-address)", leg, env,
+                       f" (the cluster took {started:.1f} s to start, not counted)")
+            if "kfp" not in skip:
+                repo, env = checkout("kfp" + suffix)
+                report("kfp.local (tactic kubeflow run-local, one task at a time)", timed([BIN / "tactic", "kubeflow", "run-local"], repo, env), env,
+                       lanes=1)
+            if not args.aba:
+                break
+            repo, env = checkout("dvc-again" + suffix)
             again = timed(serial, repo, env)
             mean = (t_dvc + again.seconds) / 2
-            print(f"{named} again: {again.seconds:.1f} s ({again.seconds / t_dvc:.2f}x the first)\n"
+            print(f"{named} again: {again.seconds:.1f} s ({again.seconds / t_dvc:.2f}x the one before)\n"
                   f"    {phases(env['MLFLOW_TRACKING_URI'], again.launched, again.ended, 1)}\n"
                   f"against the mean of both ({mean:.1f} s): "
                   + "; ".join(f"{what.split(' (')[0]} {seconds / mean:.2f} ({mean / seconds:.2f}x faster)" for what, seconds in legs),
                   flush=True)
-
+            for what, seconds in legs:
+                ratios.setdefault(what.split(" (")[0], []).append(seconds / mean)
+            t_dvc = again.seconds  # the next round's first baseline
+        if args.rounds > 1:
+            print(f"over {args.rounds} rounds, each against the {named} runs around it: " + "; ".join(
+                f"{what} {', '.join(f'{r:.2f}' for r in rs)} (mean {sum(rs) / len(rs):.2f}, {len(rs) / sum(rs):.2f}x faster)"
+                for what, rs in ratios.items()), flush=True)
 
 if __name__ == "__main__":
     main()
