@@ -134,6 +134,8 @@ def main():
     ap.add_argument("--baseline", choices=("repro", "dvc"), default="repro",
                     help="the serial run the ratios are against: `python -m pipeline.repro` or DVC's own `dvc repro`")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds: at least 1")
     if args.rounds > 1 and not args.aba:
         ap.error("--rounds needs --aba: each round's ratios are against the dvc repro runs before and after it")
     skip = {s for s in args.skip.split(",") if s}
@@ -160,19 +162,19 @@ def main():
         t_dvc = dvc.seconds
         print(f"profile {args.profile}: {named} {t_dvc:.1f} s\n    {phases(env['MLFLOW_TRACKING_URI'], dvc.launched, dvc.ended, 1)}",
               flush=True)
+
+        def report(what, leg: Leg, env, extra="", lanes=args.workers):  # into this round's `legs`, against the last `t_dvc`
+            legs.append((what, leg.seconds))
+            db = env["MLFLOW_TRACKING_URI"]
+            at_once = f"; training stages at once: at most {most_at_once(db)}" if "kfp" not in what else ""
+            started = "".join(f"\n    {line}" for line in leg.output.splitlines() if "started in" in line)  # the flow's own server
+            print(f"  {what}: {leg.seconds:.1f} s, ratio to {named} {leg.seconds / t_dvc:.2f}{at_once}{extra}\n"
+                  f"    {phases(db, leg.launched, leg.ended, lanes)}{started}", flush=True)
+
         ratios: dict[str, list[float]] = {}  # leg -> its time over the mean of the dvc repro runs around it, by round
         for n in range(1, args.rounds + 1):
             legs = []
             suffix = f"-{n}" if args.rounds > 1 else ""
-
-            def report(what, leg: Leg, env, extra="", lanes=args.workers):
-                legs.append((what, leg.seconds))
-                db = env["MLFLOW_TRACKING_URI"]
-                at_once = f"; training stages at once: at most {most_at_once(db)}" if "kfp" not in what else ""
-                started = "".join(f"\n    {line}" for line in leg.output.splitlines() if "started in" in line)  # the flow's own server
-                print(f"  {what}: {leg.seconds:.1f} s, ratio to {named} {leg.seconds / t_dvc:.2f}{at_once}{extra}\n"
-                      f"    {phases(db, leg.launched, leg.ended, lanes)}{started}", flush=True)
-
             if args.baseline == "dvc" and "repro" not in skip:
                 repo, env = checkout("repro" + suffix)
                 report("pipeline.repro (serial, libyaml's lock writer)", timed(repro, repo, env), env, lanes=1)
@@ -216,6 +218,7 @@ def main():
             print(f"over {args.rounds} rounds, each against the {named} runs around it: " + "; ".join(
                 f"{what} {', '.join(f'{r:.2f}' for r in rs)} (mean {sum(rs) / len(rs):.2f}, {len(rs) / sum(rs):.2f}x faster)"
                 for what, rs in ratios.items()), flush=True)
+
 
 if __name__ == "__main__":
     main()
