@@ -206,13 +206,13 @@ def main():
             repo, env = checkout("dvc-again" + suffix)
             again = timed(serial, repo, env)
             mean = (t_dvc + again.seconds) / 2
+            this_round = {what.split(" (")[0]: seconds / mean for what, seconds in legs}
             print(f"{named} again: {again.seconds:.1f} s ({again.seconds / t_dvc:.2f}x the one before)\n"
                   f"    {phases(env['MLFLOW_TRACKING_URI'], again.launched, again.ended, 1)}\n"
                   f"against the mean of both ({mean:.1f} s): "
-                  + "; ".join(f"{what.split(' (')[0]} {seconds / mean:.2f} ({mean / seconds:.2f}x faster)" for what, seconds in legs),
-                  flush=True)
-            for what, seconds in legs:
-                ratios.setdefault(what.split(" (")[0], []).append(seconds / mean)
+                  + "; ".join(f"{what} {r:.2f} ({1 / r:.2f}x faster)" for what, r in this_round.items()), flush=True)
+            for what, r in this_round.items():
+                ratios.setdefault(what, []).append(r)
             t_dvc = again.seconds  # the next round's first baseline
         if args.rounds > 1:
             print(f"over {args.rounds} rounds, each against the {named} runs around it: " + "; ".join(
