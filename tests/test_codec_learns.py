@@ -22,6 +22,9 @@ COLLAPSE = 1.0  # where agnostic falls apart on this fixture (~52 % at 0.106 bpp
 SEEDS = (0, 1)  # one seed's margin moves by several points between machines (CPU kernels): the mean of two
 DEFAULT = repo_params({})  # the shipped training recipe (schedules, aware's loss weights), on less data
 LEARN = merged(TINY, {
+    # The margins above were measured on CPU kernels; on an H200 (CUDA, bf16 task network) seeds 0/1 gave
+    # +0.7/+1.2 points, inside the same seed noise: the fixture pins the device so it tests the method alike everywhere.
+    "device": "cpu",
     "betas": [LOW, HIGH, COLLAPSE], "seeds": list(SEEDS),
     "prepare": {"train_size": 1000, "val_size": 200, "test_size": 400},
     "model": {"codec": {"N": 16, "M": 8}, "task": {"width": 16}},

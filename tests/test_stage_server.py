@@ -232,6 +232,7 @@ def test_results_are_the_same_with_and_without_the_server(server, tmp_path, fmni
         if how == "served":
             subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
             out = subprocess.run([bin_dir / "dvc", "repro"], cwd=repo, env=run_env, capture_output=True, text=True, timeout=900)
+            assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
             lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
             commands = [lock[name]["cmd"] for name in grid_graph(parse_params(small))]
             assert _served(env) - before == len(commands) == 9  # every stage ran in the server

@@ -183,3 +183,48 @@ def test_nhwc_training_changes_the_layout_not_the_values():
     assert torch.allclose(loss_a, loss_b, rtol=1e-5) and len(grads_a) == len(grads_b)
     assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(grads_a, grads_b))
     assert use_nhwc(system) and not use_nhwc(build_classifier("resnet50", 1, 10))
+
+
+def test_pooling_by_matrices_is_torch_s_adaptive_pooling_and_replaces_it_everywhere():
+    """On CUDA with deterministic algorithms on, adaptive average pooling runs as two averaging
+    matrices (torch's CUDA backward adds with atomics): the same values and gradients as torch's."""
+    from torchvision.models import resnet18
+
+    from tactic.tasks.classifiers import build_classifier
+    from tactic.tasks.pooling import AdaptiveAvgPool2d, deterministic_pooling, pool_by_matrices
+
+    for shape, size in (((2, 3, 7, 7), 4), ((2, 3, 7, 7), 1), ((1, 2, 9, 5), (3, None)), ((1, 1, 6, 6), (6, 2))):
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        g = torch.randn_like(torch.nn.functional.adaptive_avg_pool2d(x, size))
+        want = torch.nn.functional.adaptive_avg_pool2d(x, size)
+        (want_grad,) = torch.autograd.grad(want, x, g)
+        got = pool_by_matrices(x, size)
+        (got_grad,) = torch.autograd.grad(got, x, g)
+        assert torch.allclose(got, want) and torch.allclose(got_grad, want_grad), (shape, size)
+    for net in (build_classifier("small-cnn", 1, 10, 8), resnet18(num_classes=10)):
+        keys = net.state_dict().keys()
+        pools = [m for m in deterministic_pooling(net).modules() if isinstance(m, torch.nn.AdaptiveAvgPool2d)]
+        assert pools and all(type(m) is AdaptiveAvgPool2d for m in pools) and net.state_dict().keys() == keys
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_same_seed_trains_the_same_weights_on_cuda():
+    from tactic.codecs.codec import TacticCodec
+    from tactic.config import parse_params
+    from tactic.experiment.system import System, resolve_device
+    from tactic.losses import TacticLoss
+    from tactic.tasks.classifiers import build_classifier
+
+    device = resolve_device(parse_params({"device": "cuda"}))
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        system = System(TacticCodec(1, 16, 8), build_classifier("small-cnn", 1, 10, 16)).to(device).train()
+        opt, loss_fn = torch.optim.Adam(system.parameters(), 1e-3), TacticLoss(0.1, 0.1, 0.4)
+        for _ in range(5):
+            x, y = torch.rand(32, 1, 28, 28, device=device), torch.randint(0, 10, (32,), device=device)
+            opt.zero_grad()
+            loss_fn(system(x), x, y)["loss"].backward()
+            opt.step()
+        weights.append([p.detach().cpu() for p in system.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))

@@ -13,6 +13,7 @@ from tactic.errors import TacticError
 from tactic.io import BadFileError, load_torch, save_torch
 from tactic.tasks.classifiers import build_classifier
 from tactic.tasks.cresnet import LatentHead
+from tactic.tasks.pooling import deterministic_pooling
 
 
 def resolve_device(p: Params) -> torch.device:
@@ -20,7 +21,15 @@ def resolve_device(p: Params) -> torch.device:
     torch.set_num_threads(p.threads or int(os.environ.get("TACTIC_THREADS", 0)) or os.cpu_count())
     if p.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: 'cuda' asked for but CUDA is not available (use 'auto' or 'cpu')")
-    return torch.device("cuda" if p.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if p.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        # The same seed gives the same run on a GPU too: cuDNN picks no algorithm by timing, cuBLAS
+        # keeps a fixed workspace (read when its first handle is made, after this), and an op with no
+        # deterministic CUDA kernel warns instead of varying silently.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return device
 
 
 class System(nn.Module):
@@ -35,6 +44,8 @@ class System(nn.Module):
     def __init__(self, codec: Optional[nn.Module] = None, task: Optional[nn.Module] = None, codec_frozen: bool = False,
                  latent: bool = False, decode: bool = True):
         super().__init__()
+        if task is not None:
+            deterministic_pooling(task)  # the same seed, the same weights on a GPU too (see resolve_device)
         self.codec, self.task, self.codec_frozen, self.latent, self.decode = codec, task, codec_frozen, latent, decode
         if codec is not None and codec_frozen:
             codec.requires_grad_(False)

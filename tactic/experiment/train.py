@@ -144,6 +144,8 @@ def fit(
         if aux_opt is not None:
             aux_opt.load_state_dict(state["aux_opt"])
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():  # the rate term's noise on a GPU draws from these
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         history, start = state["history"], state["epoch"] + 1
     total = num_batches(train, cfg.batch_size, cfg.limit_batches)
     for epoch in range(start, cfg.epochs):
@@ -177,6 +179,7 @@ def fit(
         save_torch(checkpoint, {
             **(extra or {}), "config_id": config_id, "epoch": epoch, "system": system.state_dict(), "opt": opt.state_dict(),
             "aux_opt": aux_opt.state_dict() if aux_opt is not None else None, "rng": torch.get_rng_state(), "history": history,
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         })
     return history
 
