@@ -292,6 +292,7 @@ class Server:
         self.path, self.idle = path, idle
         self.children: dict[int, socket.socket] = {}
         self.served, self.started = 0, time.time()
+        self.claim: int | None = None  # `_claim`'s lock, closed in every child
         self.last = time.time()
 
     def preload(self) -> None:
@@ -382,6 +383,8 @@ class Server:
         if pid == 0:
             for other in [listener, *self.children.values()]:  # the server's, not the child's
                 other.close()
+            if self.claim is not None:  # the lock stays the server's: a child outliving it never holds it
+                os.close(self.claim)
             _run_child(conn, request, fds)  # never returns
         try:  # here too (the child sets it as well): its group exists before the command can signal it
             os.setpgid(pid, pid)
@@ -415,6 +418,21 @@ class Server:
                 pass
             conn.close()
             self.last = time.time()
+
+
+def _claim(path: str) -> int | None:
+    """An exclusive lock on `<socket>.lock`, held for the server's life (the kernel drops it when the
+    process ends), or None when another server of this venv holds it. Without it, a second server
+    started while the first preloads took over the socket path, and the first, idle, later unlinked it."""
+    import fcntl
+
+    fd = os.open(path.removesuffix(".sock") + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _ask(cmd: str) -> dict | None:
@@ -473,7 +491,12 @@ def main(argv=None) -> int:
     if args.command == "start":
         return start(args.idle, args.wait)
     if args.command == "serve":
+        claim = _claim(socket_path())
+        if claim is None:  # two `start`s before either server listened: the first one serves
+            print("stage server: another server of this venv is starting or running; not serving", file=sys.stderr)
+            return 0
         server = Server(socket_path(), args.idle)
+        server.claim = claim
         server.preload()
         server.serve()
         return 0

@@ -167,6 +167,22 @@ def test_jobs_take_a_number_or_auto(tmp_path, monkeypatch):
         repro.main(["--jobs", "2", "-s", "x"])
 
 
+def test_jobs_start_the_stage_server_unless_it_is_turned_off(monkeypatch, capsys):
+    """`pipeline.repro --jobs` by hand starts the server as `make run` does (without it every stage
+    pays its imports), in the background; TACTIC_STAGE_SERVER=0 keeps every stage a process of its own."""
+    import pipeline.stages
+    from pipeline import repro
+    from stages import server
+
+    started = []
+    monkeypatch.setattr(server, "start", lambda idle, wait: started.append((idle, wait)) or 0)
+    monkeypatch.setattr(pipeline.stages, "dvc_graph", lambda root: {})
+    monkeypatch.delenv(server.DISABLE, raising=False)
+    assert repro.parallel(".", 2) == 0 and started == [(600, 0)]
+    monkeypatch.setenv(server.DISABLE, "0")
+    assert repro.parallel(".", 2) == 0 and started == [(600, 0)]
+
+
 def test_stages_share_the_cores_and_a_lone_stage_gets_them_all(monkeypatch):
     from pipeline.stages import stage_threads
 

@@ -173,6 +173,22 @@ sys.exit(server.start(idle=60, wait=120))
 """
 
 
+def test_a_second_server_of_the_venv_leaves_the_socket_to_the_first(server):
+    """Two `start`s before either server listens (two `pipeline.repro --jobs` at once) start two
+    servers: the second must not take over the socket path, which the first, idle, would later unlink."""
+    env, _ = server
+
+    def status():
+        out = subprocess.run([sys.executable, "-m", "stages.server", "status"], cwd=REPO, env=env, capture_output=True, text=True)
+        return yaml.safe_load(out.stdout)
+
+    before = status()
+    second = subprocess.run([sys.executable, "-m", "stages.server", "serve", "--idle", "5"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 0 and "another server of this venv is starting or running" in second.stderr, second.stderr
+    assert status()["pid"] == before["pid"]
+
+
 def test_start_reports_a_server_that_exits_before_serving(tmp_path):
     fake = tmp_path / "fake" / "stages"
     fake.mkdir(parents=True)
