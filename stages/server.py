@@ -57,6 +57,7 @@ PRELOAD = (
     "dvc.dvcfile", "dvc.stage", "dvc.scm", "dvc_data.index", "scmrepo.git", "ruamel.yaml",
 )
 DISABLE = "TACTIC_STAGE_SERVER"  # "0": never hand off
+ANOTHER = 75  # `serve`'s exit status when another server of this venv holds the lock (EX_TEMPFAIL)
 # The pid of a served child, in its environment: that process does not hand off again (runpy runs the
 # module, whose first line is `handoff`), but the commands it starts (DVC's stages) do.
 _IN_CHILD = "_TACTIC_STAGE_SERVER_CHILD"
@@ -471,7 +472,7 @@ def start(idle: float, wait: float) -> int:
         if info:
             print(f"stage server {info['pid']} started ({path}; log {log})")
             return 0
-        if proc.poll() is not None:
+        if proc.poll() is not None and proc.returncode != ANOTHER:  # ANOTHER: wait for that one's answer
             with open(log, "rb") as f:
                 last = f.read().decode(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
             print(f"stage server exited before serving (log {log}): {last[0]}", file=sys.stderr)
@@ -494,7 +495,7 @@ def main(argv=None) -> int:
         claim = _claim(socket_path())
         if claim is None:  # two `start`s before either server listened: the first one serves
             print("stage server: another server of this venv is starting or running; not serving", file=sys.stderr)
-            return 0
+            return ANOTHER
         server = Server(socket_path(), args.idle)
         server.claim = claim
         server.preload()
