@@ -27,7 +27,7 @@ from prefect.futures import wait
 from prefect.runtime import flow_run as current_flow_run
 from prefect_dask import DaskTaskRunner
 
-from pipeline.stages import dvc_graph, run_dvc_stage, stage_env, stage_priority, stage_threads
+from pipeline.stages import dvc_graph, outlive_the_reader, run_dvc_stage, stage_env, stage_priority, stage_threads
 from tactic import tracking
 from tactic.config import ROOT
 from tactic.profiles import resolve_params, write_params
@@ -151,6 +151,7 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, help="local Dask workers (default: one per core)")
     ap.add_argument("--dask-address", help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
     args = ap.parse_args(argv)
+    outlive_the_reader()
     if args.workers:
         os.environ["TACTIC_DASK_WORKERS"] = str(args.workers)
     scheduler = args.dask_address or os.environ.get("TACTIC_DASK_ADDRESS")

@@ -9,6 +9,7 @@ import argparse
 import os
 
 from pipeline.flow import tactic
+from pipeline.stages import outlive_the_reader
 from stages import server
 
 
@@ -17,6 +18,7 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, help="local Dask workers (default: one per core)")
     ap.add_argument("--dask-address", help="an existing Dask scheduler; the grid then runs on its workers")
     args = ap.parse_args(argv)
+    outlive_the_reader()  # its flow runs write to the same output (pipeline/stages.py)
     # Each flow run executes in a fresh process that imports pipeline.flow, whose task runner is
     # built from these variables: the environment is how the choice reaches it.
     if args.workers:

@@ -106,6 +106,63 @@ def stage_env(extra: dict | None = None) -> dict:
     return env
 
 
+def outlive_the_reader() -> None:
+    """Stdout and stderr, where they are pipes, through a pipe of our own that a thread copies on:
+    when whoever reads them goes away (`... 2>&1 | head`), the copy stops and this process runs on,
+    its output discarded. Written to directly, a pipe without a reader raises BrokenPipeError in
+    whichever thread writes next (Python ignores SIGPIPE): Dask's event-loop thread died of it and
+    the flow hung for good, its MLflow run RUNNING. What is still in the pipe is copied at exit."""
+    import atexit
+    import stat
+
+    pipes = {}  # (device, inode) of a real pipe -> the fds (1, 2) that write to it
+    for fd in (1, 2):
+        st = os.fstat(fd)
+        if stat.S_ISFIFO(st.st_mode):
+            pipes.setdefault((st.st_dev, st.st_ino), []).append(fd)
+    for fds in pipes.values():
+        copy = _Copy(os.dup(fds[0]))
+        for fd in fds:
+            os.dup2(copy.write, fd)  # inheritable again: children write through the copy too
+        os.close(copy.write)
+        atexit.register(copy.drain, fds)
+
+
+class _Copy:
+    """One pipe's copy thread (`outlive_the_reader`)."""
+
+    def __init__(self, real: int):
+        import threading
+
+        self.real, self.alive = real, True  # alive: the reader of `real` is still there
+        self.read, self.write = os.pipe()
+        self.thread = threading.Thread(target=self.run, daemon=True, name="output copy")
+        self.thread.start()
+
+    def run(self) -> None:
+        while chunk := os.read(self.read, 1 << 16):
+            view = memoryview(chunk)
+            while self.alive and view:
+                try:
+                    view = view[os.write(self.real, view):]
+                except OSError:  # EPIPE: the reader is gone; discard from now on
+                    self.alive = False
+
+    def drain(self, fds: list[int]) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        null = os.open(os.devnull, os.O_WRONLY)
+        for fd in fds:
+            os.dup2(null, fd)  # our write end closed: the copy reads to the end (children's ends aside)
+        self.thread.join(timeout=5)
+        for fd in fds:  # the last words (Python's own flush at exit) where they can still be read
+            os.dup2(self.real if self.alive else null, fd)
+        os.close(null)
+
+
 def tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 

@@ -291,3 +291,43 @@ def test_sigterm_of_prepare_unwinds_removes_its_temporary_and_ends_the_run_kille
     assert "terminated (SIGTERM)" in proc.stdout.read()
     assert not list((work / "data").iterdir())  # no temporary, no prepared data
     assert [r.info.status for r in _runs("prepare")] == ["KILLED"]
+
+
+# A process whose threads keep writing after its reader has gone, as the flow's (Dask, Prefect) do.
+TALKER = """import pathlib, sys, threading, time
+if sys.argv[2] == "copy":
+    from pipeline.stages import outlive_the_reader
+    outlive_the_reader()
+def talk():
+    for i in range(300):
+        print(f"out {i}", flush=True)
+        print(f"err {i}", file=sys.stderr, flush=True)
+        time.sleep(0.002)
+    pathlib.Path(sys.argv[1]).write_text("done")
+thread = threading.Thread(target=talk)
+thread.start()
+thread.join()
+print("end", flush=True)
+"""
+
+
+def test_the_flow_outlives_the_reader_of_its_output(tmp_path):
+    """`python -m pipeline.flow 2>&1 | head` hung for good: a thread writing to the pipe after `head`
+    left died of BrokenPipeError (Dask's event loop's, there). Through `outlive_the_reader` the
+    threads go on and the process ends 0; while the reader stays, every line reaches it."""
+    (tmp_path / "talker.py").write_text(TALKER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def run(how, pipe):
+        marker = tmp_path / f"{how}.done"
+        out = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} talker.py {marker} {how} {pipe}"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        return out, marker.exists()
+
+    out, finished = run("plain", "2>&1 | head -1")
+    assert not finished  # the writing thread died: what the flow's threads did
+    out, finished = run("copy", "2>&1 | head -1")
+    assert finished and out.returncode == 0 and out.stdout == "out 0\n", out.stderr
+    out, finished = run("copy", "| cat")
+    assert finished and out.returncode == 0 and out.stdout.splitlines() == [f"out {i}" for i in range(300)] + ["end"]
+    assert out.stderr.splitlines() == [f"err {i}" for i in range(300)]
