@@ -8,24 +8,27 @@ deterministic algorithms on: elsewhere torch's own kernel runs, so CPU results s
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 
-def averaging_matrix(n: int, out: int, like: torch.Tensor) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)  # built once per shape, dtype and device, not in every forward pass
+def averaging_matrix(n: int, out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(out, n): row i averages the inputs of adaptive pooling's window i, [floor(i n/out), ceil((i+1) n/out))."""
-    m = torch.zeros(out, n, dtype=like.dtype, device=like.device)
+    m = torch.zeros(out, n, dtype=torch.float64)
     for i in range(out):
         lo, hi = (i * n) // out, -((-(i + 1) * n) // out)
         m[i, lo:hi] = 1.0 / (hi - lo)
-    return m
+    return m.to(dtype=dtype, device=device)
 
 
 def pool_by_matrices(x: torch.Tensor, size) -> torch.Tensor:
     h, w = x.shape[-2:]
     oh, ow = (size, size) if isinstance(size, int) else size
     oh, ow = oh or h, ow or w  # None keeps that side's size, as in torch
-    return averaging_matrix(h, oh, x) @ x @ averaging_matrix(w, ow, x).T
+    return averaging_matrix(h, oh, x.dtype, x.device) @ x @ averaging_matrix(w, ow, x.dtype, x.device).T
 
 
 class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
