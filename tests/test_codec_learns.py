@@ -32,7 +32,8 @@ LEARN = merged(TINY, {
     "train": {"epochs": 3, "batch_size": 16, **{k: DEFAULT["train"][k] for k in ("lr_schedule", "lmbda_d", "alpha")}},
 })
 
-pytestmark = pytest.mark.slow
+# One worker runs them all (`--dist loadgroup`): the module's codecs (~21 s) are trained once, not on each worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("codec_learns")]
 
 
 @pytest.fixture(scope="module")
