@@ -361,6 +361,9 @@ class Server:
         finally:
             if os.path.exists(self.path):
                 os.unlink(self.path)
+            if getattr(self, "claim", None) is not None:  # a server started now need not wait for this one's exit
+                os.close(self.claim)
+                self.claim = None
 
     def _accept(self, conn: socket.socket, listener: socket.socket):
         self.last = time.time()
@@ -436,6 +439,20 @@ def _claim(path: str) -> int | None:
     return fd
 
 
+def _claim_unless_served(path: str, timeout: float = 120.0) -> int | None:
+    """The start-up lock once it is free, or None as soon as another server of this venv answers.
+    A server that holds the lock without answering is either preloading (two `start`s at once: it
+    will answer) or going away (stopped, or idle): giving up at once in the second case left the venv
+    without a server, and every stage of the run that had just started it unserved (seen: a `start`
+    right after a `stop`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        claim = _claim(path)
+        if claim is not None or _ask("status") or time.monotonic() > deadline:
+            return claim
+        time.sleep(0.2)
+
+
 def _ask(cmd: str) -> dict | None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(5)
@@ -492,7 +509,7 @@ def main(argv=None) -> int:
     if args.command == "start":
         return start(args.idle, args.wait)
     if args.command == "serve":
-        claim = _claim(socket_path())
+        claim = _claim_unless_served(socket_path())
         if claim is None:  # two `start`s before either server listened: the first one serves
             print("stage server: another server of this venv is starting or running; not serving", file=sys.stderr)
             return ANOTHER

@@ -191,6 +191,35 @@ def test_a_second_server_of_the_venv_leaves_the_socket_to_the_first(server):
     assert status()["pid"] == before["pid"]
 
 
+def test_a_server_going_away_hands_the_lock_to_the_next(monkeypatch):
+    """A server that holds the start-up lock but no longer answers is exiting (stopped, or idle): a
+    `serve` started then waits for the lock instead of leaving the venv without a server (it used to
+    give up at once: a `start` right after a `stop` left a whole run unserved). One that answers
+    keeps the socket."""
+    import threading
+
+    from stages import server as srv
+
+    home = Path(tempfile.mkdtemp(prefix="tss", dir="/tmp"))
+    monkeypatch.setenv("TMPDIR", str(home))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    try:
+        path = srv.socket_path()
+        going = srv._claim(path)  # the server on its way out: the lock held, no socket answering
+        assert going is not None and srv._claim(path) is None
+        threading.Timer(1.0, os.close, [going]).start()
+        t0 = time.monotonic()
+        claim = srv._claim_unless_served(path, timeout=30)
+        assert claim is not None and 0.9 < time.monotonic() - t0 < 10
+        # Now it holds the lock and answers (as once it serves): a third gives up at once.
+        monkeypatch.setattr(srv, "_ask", lambda cmd: {"pid": 1})
+        t0 = time.monotonic()
+        assert srv._claim_unless_served(path, timeout=30) is None and time.monotonic() - t0 < 1
+        os.close(claim)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def test_start_reports_a_server_that_exits_before_serving(tmp_path):
     fake = tmp_path / "fake" / "stages"
     fake.mkdir(parents=True)
