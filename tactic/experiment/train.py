@@ -1,5 +1,6 @@
 """The training loop shared by every mode: epochs over the prepared split, an MLflow metric per
-epoch, a checkpoint after each epoch but the last (the model is saved then), and resumption from that checkpoint after an interruption."""
+epoch, a checkpoint after each epoch but the last (the model itself is saved then), and resumption
+from that checkpoint after an interruption."""
 from __future__ import annotations
 
 import hashlib
