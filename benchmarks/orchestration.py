@@ -61,14 +61,25 @@ class Leg:
     launched: float  # wall clock, to set against the MLflow runs' times
     ended: float
     output: str
+    served: int  # commands the stage server forked during the leg
+
+
+def _served() -> int:
+    from stages import server
+
+    info = server._ask("status")
+    if info is None:  # a leg of normal processes beside served ones would be timed unlike them
+        sys.exit("orchestration: the stage server stopped answering (see its log); the legs would not run alike")
+    return info["served"]
 
 
 def timed(cmd, cwd, env) -> Leg:
+    before = _served()
     t0, launched = time.perf_counter(), time.time()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return Leg(time.perf_counter() - t0, launched, time.time(), proc.stdout)
+    return Leg(time.perf_counter() - t0, launched, time.time(), proc.stdout, _served() - before)
 
 
 def most_at_once(db: str) -> int:
@@ -143,7 +154,8 @@ def main():
     # start one anyway): without it `dvc repro` alone pays ~8 s of imports a stage and loses unfairly.
     from stages import server
 
-    server.start(idle=3600, wait=120)
+    if server.start(idle=3600, wait=120):  # it said why; unserved, every leg would pay ~8 s of imports a stage
+        sys.exit("orchestration: no stage server: the legs would not run as `make run` runs them")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp / "prefect"),
@@ -160,15 +172,16 @@ def main():
         repo, env = checkout("dvc")
         dvc = timed(serial, repo, env)
         t_dvc = dvc.seconds
-        print(f"profile {args.profile}: {named} {t_dvc:.1f} s\n    {phases(env['MLFLOW_TRACKING_URI'], dvc.launched, dvc.ended, 1)}",
-              flush=True)
+        print(f"profile {args.profile}: {named} {t_dvc:.1f} s ({dvc.served} commands served)\n"
+              f"    {phases(env['MLFLOW_TRACKING_URI'], dvc.launched, dvc.ended, 1)}", flush=True)
 
         def report(what, leg: Leg, env, extra="", lanes=args.workers):  # into this round's `legs`, against the last `t_dvc`
             legs.append((what, leg.seconds))
             db = env["MLFLOW_TRACKING_URI"]
             at_once = f"; training stages at once: at most {most_at_once(db)}" if "kfp" not in what else ""
             started = "".join(f"\n    {line}" for line in leg.output.splitlines() if "started in" in line)  # the flow's own server
-            print(f"  {what}: {leg.seconds:.1f} s, ratio to {named} {leg.seconds / t_dvc:.2f}{at_once}{extra}\n"
+            print(f"  {what}: {leg.seconds:.1f} s, ratio to {named} {leg.seconds / t_dvc:.2f}{at_once}{extra}; "
+                  f"{leg.served} commands served\n"
                   f"    {phases(db, leg.launched, leg.ended, lanes)}{started}", flush=True)
 
         ratios: dict[str, list[float]] = {}  # leg -> its time over the mean of the dvc repro runs around it, by round
@@ -207,7 +220,7 @@ def main():
             again = timed(serial, repo, env)
             mean = (t_dvc + again.seconds) / 2
             this_round = {what.split(" (")[0]: seconds / mean for what, seconds in legs}
-            print(f"{named} again: {again.seconds:.1f} s ({again.seconds / t_dvc:.2f}x the one before)\n"
+            print(f"{named} again: {again.seconds:.1f} s ({again.seconds / t_dvc:.2f}x the one before; {again.served} commands served)\n"
                   f"    {phases(env['MLFLOW_TRACKING_URI'], again.launched, again.ended, 1)}\n"
                   f"against the mean of both ({mean:.1f} s): "
                   + "; ".join(f"{what} {r:.2f} ({1 / r:.2f}x faster)" for what, r in this_round.items()), flush=True)
