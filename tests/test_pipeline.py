@@ -24,8 +24,9 @@ def test_dvc_repro_runs_the_grid_then_does_nothing(tmp_path, fmnist_root, _mlflo
     # set-up, and the grid's width is covered in-process by tests/test_datasets_pipeline.py.
     small = {**TINY, "betas": [0.004], "jpeg": {"qualities": [5]}}
     repo = copy_repo(tmp_path / "repo", repo_params(small))
-    # System metrics every 0.5 s: MLflow logs a sample only after a full interval, and these stages last seconds.
-    env = {**subprocess_env(_mlflow_db), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"}
+    # System metrics every 0.1 s: MLflow logs a sample only after a full interval, and these stages' runs
+    # last well under a second (at 0.5 s, a CI run once found none logged for train_aware's run).
+    env = {**subprocess_env(_mlflow_db), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.1"}
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)  # .dvc/ came with the copy
     p = parse_params(small)
     listed = subprocess.run([BIN / "dvc", "stage", "list", "--name-only"], cwd=repo, env=env, capture_output=True, text=True, check=True)
