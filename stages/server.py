@@ -361,7 +361,7 @@ class Server:
         finally:
             if os.path.exists(self.path):
                 os.unlink(self.path)
-            if getattr(self, "claim", None) is not None:  # a server started now need not wait for this one's exit
+            if self.claim is not None:  # a server started now need not wait for this one's exit
                 os.close(self.claim)
                 self.claim = None
 
