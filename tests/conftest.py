@@ -1,23 +1,27 @@
 """Shared fixtures: a private MLflow database, the embedded data, and shrunken params."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tactic.config import parse_params
 from tactic.data import fashion_mnist
-from tests.helpers import FMNIST_ROOT, TINY
+from tests.helpers import FMNIST_ROOT, ONE_POINT, REPO, TINY, copy_repo, results_of
 
 # The DVC repositories tests make with `dvc init` would otherwise report usage: every DVC command there
 # started a `dvc daemon analytics` process (25 in a suite run, ~14 CPU-seconds) that tries the network.
 os.environ["DVC_NO_ANALYTICS"] = "1"
 
 # The tests that run the pipeline through subprocesses, longest first.
-LONGEST = ("test_a_failing_stage_fails_the_flow_run_with_its_own_message",
-           "test_kfp_local_runs_every_stage_after_its_needs_and_gives_dvc_repros_table",  # the scaling group: ~110 s
-           "test_results_are_the_same_with_and_without_the_server", "test_dvc_repro_runs_the_grid_then_does_nothing")
+LONGEST = ("test_a_failing_stage_fails_the_flow_run_with_its_own_message",  # the Prefect deployment's group
+           "test_kfp_local_runs_every_stage_after_its_needs_and_gives_the_plain_runs_results")  # "e2e": ~100 s
 QUICK = len(LONGEST) + 1  # the rank of a test that is not slow
 
 
@@ -84,3 +88,63 @@ def prepared(tmp_path_factory, fmnist_root):
     out = tmp_path_factory.mktemp("data") / "prepared"
     prepare(parse_params(TINY).prepare, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def xdg_cache(tmp_path_factory) -> Path:
+    """One XDG cache for the whole suite run, both xdist workers: the first Prefect server that
+    migrates a new database keeps its template there (pipeline/server.py), and every later one seeds
+    from it (5.8 s to start instead of 11.2), as on a user's machine after the first time; never the
+    user's own cache, so each suite run migrates once for real."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xdg-cache"
+
+
+@pytest.fixture(scope="session")  # not "module": an xdist worker tears those down between modules
+def server():
+    """A stage server of its own (tests/test_stage_server.py), whose `status` counts what it served:
+    (env for commands it should serve, its private folder)."""
+    # A short private folder: the socket lives there (Unix socket paths are limited to ~100 bytes).
+    home = Path(tempfile.mkdtemp(prefix="tss", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "TACTIC_STAGE_SERVER")}
+    env.update(TMPDIR=str(home), PYTHONPATH=str(REPO))
+    started = subprocess.run([sys.executable, "-m", "stages.server", "start", "--wait", "120", "--idle", "120"], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=150)
+    assert started.returncode == 0 and "started" in started.stdout, started.stdout + started.stderr
+    yield env, home
+    subprocess.run([sys.executable, "-m", "stages.server", "stop"], cwd=REPO, env=env, timeout=30)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+# Every stage command, in the order given, one after the other in this process: no server, no DVC.
+PLAIN_STAGES = """import json, runpy, sys
+for cmd in json.loads(sys.argv[1]):
+    module, *argv = cmd.split()[2:]  # python -m <module> ...
+    sys.argv = [module, *argv]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as stop:
+        if stop.code:
+            raise
+"""
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, fmnist_root) -> tuple[str, list]:
+    """ONE_POINT's stages run as plainly as can be (the commands of dvc.yaml in DVC's order, in one
+    process of their own: no stage server, no DVC, no orchestrator): the table and rows that every
+    way of running them must give (`results_of`). One run for the tests of the "e2e" group."""
+    from dvc.repo import Repo
+
+    from pipeline.stages import dvc_graph
+
+    tmp = tmp_path_factory.mktemp("reference")
+    repo = copy_repo(tmp / "repo", ONE_POINT)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)  # .dvc/ came with the copy
+    with Repo(str(repo)) as dvc:
+        commands = {stage.name: stage.cmd for stage in dvc.index.stages}
+    out = subprocess.run([sys.executable, "-c", PLAIN_STAGES, json.dumps([commands[name] for name in dvc_graph(repo)])],
+                         cwd=repo, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "TACTIC_STAGE_SERVER": "0", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return results_of(repo)

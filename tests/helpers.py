@@ -1,6 +1,7 @@
 """What several test modules share (tests import from here, never from each other)."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -36,6 +37,30 @@ TINY = {
 
 def repo_params(overrides: dict) -> dict:
     return merged(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
+
+
+# The smoke profile (TINY's values) at one operating point per mode: 9 stages. Every test that runs
+# the whole pipeline as a user does (`pipeline.repro --jobs`, the stage server, kfp.local, a Dask
+# cluster, the Prefect deployment) runs these params, so one plain run is the reference for all.
+ONE_POINT = repo_params({**TINY, "betas": [0.004], "jpeg": {"qualities": [5]}})
+
+
+def served(env: dict) -> int:
+    """How many commands the stage server that `env` reaches has served."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "stages.server", "status"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+    return yaml.safe_load(out.stdout)["served"]
+
+
+def results_of(repo: Path) -> tuple[str, list]:
+    """What a run of the pipeline computed: results/table.md and the rows of results/eval.json,
+    without the one field that names where a row was logged (its MLflow run id)."""
+    rows = json.loads((repo / "results/eval.json").read_text())
+    for row in rows:
+        row.pop("mlflow_run_id")
+    return (repo / "results/table.md").read_text(), rows
 
 
 BIN = Path(sys.executable).parent

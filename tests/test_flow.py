@@ -129,7 +129,7 @@ def _flow_run_id(output: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def flow_runs(tmp_path_factory, fmnist_root):
+def flow_runs(tmp_path_factory, fmnist_root, xdg_cache):
     """The README's Prefect path on a copy of the repo: the server (detached, its log in .prefect/),
     the deployment served with two Dask workers, and two deployment runs of the smoke profile at one
     operating point per mode: with a junk weights file (fails in the task networks' stages), then as
@@ -147,7 +147,7 @@ def flow_runs(tmp_path_factory, fmnist_root):
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_UI_ENABLED": "false",  # the API is all these tests read; the UI's assets cost start-up time
            "MLFLOW_TRACKING_URI": db, "PYTHONPATH": str(repo), "TACTIC_DASK_WORKERS": "2", "PYTHONUNBUFFERED": "1",
-           "XDG_CACHE_HOME": str(tmp_path / "cache")}  # the server migrates its new database and keeps the template
+           "XDG_CACHE_HOME": str(xdg_cache)}  # the suite's first server migrates its database and keeps the template
     logs = tmp_path / "logs"
     logs.mkdir()
     served = None
@@ -166,7 +166,7 @@ def flow_runs(tmp_path_factory, fmnist_root):
 
         junk = tmp_path / "junk.pt"
         junk.write_bytes(b"\x80" + random.Random(0).randbytes(999))  # 0x80 opens a pickle, not torch's
-        runs = {"junk": junk, "env": env, "repo": repo, "db": db, "tmp": tmp_path}
+        runs = {"junk": junk, "env": env, "repo": repo, "db": db, "tmp": tmp_path, "cache": xdg_cache}
         runs["bad"] = run(weights=str(junk))
         runs["good"] = run()
         assert runs["good"].returncode == 0, runs["good"].stdout[-3000:] + (logs / "serve.log").read_text()[-5000:]
@@ -255,9 +255,9 @@ def test_compare_prints_the_operating_points_of_a_flow_run(flow_runs):
 @pytest.mark.slow
 @PREFECT
 def test_a_prefect_server_on_a_new_home_starts_from_the_migrated_template(flow_runs, tmp_path):
-    """The fixture's server migrated its new database and kept an empty copy; a flow's temporary
-    server on another new home starts from that copy (no migrations) and works; what either records
-    never reaches the template."""
+    """The suite's first Prefect server (the fixture's, which starts first) migrated its new database
+    and kept an empty copy; a flow's temporary server on another new home starts from that copy (no
+    migrations) and works; what either records never reaches the template."""
     script = """
 import sys
 from prefect.client.orchestration import get_client
@@ -274,7 +274,7 @@ with temporary_settings({PREFECT_API_URL: api.url}), get_client(sync_client=True
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**env, "PREFECT_HOME": str(tmp_path / "home")},
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0 and out.stdout.split() == ["seeded", "['second']"], out.stdout + out.stderr[-3000:]
-    [template] = (flow_runs["tmp"] / "cache" / "tactic").glob("prefect-*.db")
+    [template] = (flow_runs["cache"] / "tactic").glob("prefect-*.db")
 
     def rows(db, table):
         with contextlib.closing(sqlite3.connect(db)) as con:

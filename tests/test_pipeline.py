@@ -12,32 +12,42 @@ import yaml
 
 from tactic.config import parse_params
 from tactic.experiment.grid import pretrain_runs, task_runs
-from tests.helpers import BIN, REPO, TINY, copy_repo, repo_params, subprocess_env
+from tests.helpers import BIN, ONE_POINT, REPO, TINY, copy_repo, repo_params, results_of, served, subprocess_env
 
 def _stage(args, cwd, db_uri):
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=subprocess_env(db_uri), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_the_grid_then_does_nothing(tmp_path, fmnist_root, _mlflow_db):
+@pytest.mark.xdist_group("e2e")  # with the stage server's tests and `reference`, made once for the group
+def test_dvc_repro_runs_the_grid_then_does_nothing(tmp_path, _mlflow_db, server, reference):
     # One operating point per mode (9 stages): each stage process costs ~10 s of imports and MLflow
     # set-up, and the grid's width is covered in-process by tests/test_datasets_pipeline.py.
-    small = {**TINY, "betas": [0.004], "jpeg": {"qualities": [5]}}
-    repo = copy_repo(tmp_path / "repo", repo_params(small))
-    # System metrics every 0.1 s: MLflow logs a sample only after a full interval, and these stages' runs
-    # last well under a second (at 0.5 s, a CI run once found none logged for train_aware's run).
-    env = {**subprocess_env(_mlflow_db), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.1"}
+    repo = copy_repo(tmp_path / "repo", ONE_POINT)
+    # Every command served by a stage server of its own (`server`), which counts them, as `make run`'s
+    # serves them. System metrics every 0.1 s: MLflow logs a sample only after a full interval, and
+    # these stages' runs last well under a second (at 0.5 s, a CI run once found none logged for
+    # train_aware's run).
+    env = {**server[0], "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": _mlflow_db, "PYTHONUNBUFFERED": "1",
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.1"}
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)  # .dvc/ came with the copy
-    p = parse_params(small)
+    p = parse_params(ONE_POINT)
     listed = subprocess.run([BIN / "dvc", "stage", "list", "--name-only"], cwd=repo, env=env, capture_output=True, text=True, check=True)
     expected = {r.stage for r in pretrain_runs(p) + task_runs(p)} | {"prepare", "weights", "evaluate", "report"}
     assert set(listed.stdout.split()) == expected  # tactic.experiment.grid names stages exactly as DVC does
 
     # As `make run` runs it on 2 cores (pipeline.repro --jobs: the stages two at a time, each a
     # `dvc repro -s` whose lock libyaml writes) ...
+    before = served(env)
     first = subprocess.run([sys.executable, "-m", "pipeline.repro", "--jobs", "2"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "| aware | beta=0.004 |" in first.stdout and "9 stages ran, 0 up to date, 0 failed" in first.stdout
+    # Every command in a fork of the server: the run itself, each stage's `pipeline.repro -s`, and the
+    # stage's own command that DVC runs under it.
+    assert served(env) - before == 1 + 2 * 9
+    # Served, it computes what the same stage commands compute run plainly, one after the other in one
+    # process: the same table and rows.
+    assert results_of(repo) == reference
 
     rows = json.loads((repo / "results/eval.json").read_text())
     assert {(r["mode"], r["beta"], r["quality"], r["seed"]) for r in rows} == {

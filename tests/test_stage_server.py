@@ -1,6 +1,5 @@
 """The stage server runs stage commands in forks of one preloaded process: same output, same exit
 status, signals forwarded, and a command killed outright takes its child with it."""
-import json
 import os
 import shutil
 import signal
@@ -13,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tactic.config import parse_params
-from tests.helpers import REPO, TINY, copy_repo, grid_graph, repo_params
+from tests.helpers import REPO, TINY, served
 
-# One worker runs them all (`--dist loadgroup`): the server's preload (~8 s) is paid once.
-pytestmark = pytest.mark.xdist_group("stage_server")
+# One worker runs them all (`--dist loadgroup`) with the other end-to-end tests: the server's preload
+# (~8 s, conftest.py's `server`) is paid once; the served pipeline run is tests/test_pipeline.py's.
+pytestmark = pytest.mark.xdist_group("e2e")
 
 SLEEPER = """from stages.server import handoff
 
@@ -29,45 +28,25 @@ time.sleep(float(sys.argv[1]))
 """
 
 
-@pytest.fixture(scope="session")  # not "module": an xdist worker tears those down between modules
-def server():
-    # A short private folder: the socket lives there (Unix socket paths are limited to ~100 bytes).
-    home = Path(tempfile.mkdtemp(prefix="tss", dir="/tmp"))
-    env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "TACTIC_STAGE_SERVER")}
-    env.update(TMPDIR=str(home), PYTHONPATH=str(REPO))
-    (home / "sleeper.py").write_text(SLEEPER)
-    started = subprocess.run([sys.executable, "-m", "stages.server", "start", "--wait", "120", "--idle", "120"], cwd=REPO,
-                             env=env, capture_output=True, text=True, timeout=150)
-    assert started.returncode == 0 and "started" in started.stdout, started.stdout + started.stderr
-    yield env, home
-    subprocess.run([sys.executable, "-m", "stages.server", "stop"], cwd=REPO, env=env, timeout=30)
-    shutil.rmtree(home, ignore_errors=True)
-
-
-def _served(env) -> int:
-    out = subprocess.run([sys.executable, "-m", "stages.server", "status"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout
-    return yaml.safe_load(out.stdout)["served"]
-
-
 @pytest.mark.slow
 def test_a_stage_runs_in_the_server_with_its_own_output_and_exit_status(server, tmp_path):
     env, _ = server
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump({**TINY, "train": {"epochs": 0}}))
-    before = _served(env)
+    before = served(env)
     out = subprocess.run([sys.executable, "-m", "stages.train", "uncompressed", "--seed", "0", "--params", str(bad)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "train.epochs: Input should be greater than 0" in out.stderr, out.stderr
-    assert _served(env) == before + 1  # it ran in a fork of the server, not as a process of its own
+    assert served(env) == before + 1  # it ran in a fork of the server, not as a process of its own
     off = subprocess.run([sys.executable, "-m", "stages.train", "uncompressed", "--seed", "0", "--params", str(bad)],
                          cwd=tmp_path, env={**env, "TACTIC_STAGE_SERVER": "0"}, capture_output=True, text=True, timeout=120)
-    assert (off.returncode, off.stderr) == (out.returncode, out.stderr) and _served(env) == before + 1
+    assert (off.returncode, off.stderr) == (out.returncode, out.stderr) and served(env) == before + 1
 
 
 @pytest.mark.slow
 def test_signals_reach_the_served_child_and_a_killed_command_takes_it_along(server):
     env, home = server
+    (home / "sleeper.py").write_text(SLEEPER)
     for how in (signal.SIGTERM, signal.SIGKILL):
         cmd = subprocess.Popen([sys.executable, "-m", "sleeper", "60"], cwd=home, env=env, stdout=subprocess.PIPE, text=True)
         child, parent = map(int, cmd.stdout.readline().split())
@@ -97,11 +76,12 @@ def test_a_served_command_s_own_commands_are_served_and_stopped_with_it(server):
     normal parent; killed outright, both go."""
     env, home = server
     (home / "nester.py").write_text(NESTER)
+    (home / "sleeper.py").write_text(SLEEPER)
     for how in (signal.SIGTERM, signal.SIGKILL):
-        before = _served(env)
+        before = served(env)
         cmd = subprocess.Popen([sys.executable, "-m", "nester", "60"], cwd=home, env=env, stdout=subprocess.PIPE, text=True)
         inner, _ = map(int, cmd.stdout.readline().split())
-        assert _served(env) == before + 2  # the outer command and the one it started, each in a fork
+        assert served(env) == before + 2  # the outer command and the one it started, each in a fork
         cmd.send_signal(how)
         assert cmd.wait(timeout=30) == -how
         if how == signal.SIGTERM:  # stopped, not killed: the inner child was gone before the command ended
@@ -128,10 +108,10 @@ def test_a_served_child_can_use_cuda(server):
     survive fork): its child starts with CUDA uninitialised and can then use the device."""
     env, home = server
     (home / "cuda_child.py").write_text(CUDA_CHILD)
-    before = _served(env)
+    before = served(env)
     out = subprocess.run([sys.executable, "-m", "cuda_child"], cwd=home, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.split() == ["False", "4.0"], out.stdout + out.stderr
-    assert _served(env) == before + 1
+    assert served(env) == before + 1
 
 
 # Imported by the preload below in place of CompressAI: it reads torch's build report at import, as
@@ -248,48 +228,3 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
-
-
-# Every stage command of a dvc.lock run one after the other in this process, no server, no DVC.
-PLAIN_STAGES = """import json, runpy, sys
-for cmd in json.loads(sys.argv[1]):
-    module, *argv = cmd.split()[2:]  # python -m <module> ...
-    sys.argv = [module, *argv]
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except SystemExit as stop:
-        if stop.code:
-            raise
-"""
-
-
-@pytest.mark.slow
-def test_results_are_the_same_with_and_without_the_server(server, tmp_path, fmnist_root):
-    """One operating point per mode through `dvc repro` with every stage served, then the same stage
-    commands without the server (in one plain process, to keep this test short): same table and rows."""
-    env, _ = server
-    small = repo_params({**TINY, "betas": [0.3], "jpeg": {"qualities": [5]}})
-    bin_dir = Path(sys.executable).parent
-    env = {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    results = {}
-    for how in ("served", "plain"):
-        repo = copy_repo(tmp_path / how, small)
-        run_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / how}.db"}
-        before = _served(env)
-        if how == "served":
-            subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-            out = subprocess.run([bin_dir / "dvc", "repro"], cwd=repo, env=run_env, capture_output=True, text=True, timeout=900)
-            assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-            lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-            commands = [lock[name]["cmd"] for name in grid_graph(parse_params(small))]
-            assert _served(env) - before == len(commands) == 9  # every stage ran in the server
-        else:
-            out = subprocess.run([sys.executable, "-c", PLAIN_STAGES, json.dumps(commands)], cwd=repo, capture_output=True,
-                                 text=True, timeout=900, env={**run_env, "TACTIC_STAGE_SERVER": "0"})
-            assert _served(env) == before
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-        rows = json.loads((repo / "results/eval.json").read_text())
-        for row in rows:
-            row.pop("mlflow_run_id")  # the one field that names where it was logged
-        results[how] = ((repo / "results/table.md").read_text(), rows)
-    assert results["served"] == results["plain"]
