@@ -311,10 +311,23 @@ def _dvc_repo(tmp_path: Path) -> Path:
 
 
 def _holder(code: str) -> subprocess.Popen:
-    """A process that holds a DVC lock for a few seconds; waited on in a thread, so its pid is gone (not a zombie) after."""
+    """A process that holds a DVC lock until told to let go; waited on in a thread, so its pid is gone (not a zombie) after."""
     proc = subprocess.Popen([sys.executable, "-c", code])
     threading.Thread(target=proc.wait, daemon=True).start()
     return proc
+
+
+# `python -m pipeline.repro -s <stage>` (run_dvc_stage's own command), and once an attempt has failed on
+# the lock, the flag file that tells the holder to let go: the retry then finds the lock free, at
+# once rather than after a fixed hold long enough for a slow machine.
+ATTEMPT = """import pathlib, subprocess, sys
+out = subprocess.run([sys.executable, "-m", "pipeline.repro", "-s", sys.argv[2]], capture_output=True, text=True)
+print(out.stdout + out.stderr)
+if out.returncode and any(m in out.stdout + out.stderr for m in sys.argv[3:]):
+    pathlib.Path(sys.argv[1]).touch()
+sys.exit(out.returncode)
+"""
+HOLD = "import os, time\nend = time.time() + 60\nwhile not os.path.exists({flag!r}) and time.time() < end: time.sleep(0.05)"
 
 
 @pytest.mark.parametrize("lock", ["repository", "rwlock"])
@@ -322,18 +335,19 @@ def test_real_dvc_lock_errors_are_retried(tmp_path, lock):
     """Real DVC, held off by each of its two locks: `dvc repro -s` fails with that lock's message, and
     run_dvc_stage retries it until the holder lets go."""
     repo = _dvc_repo(tmp_path)
+    flag = str(tmp_path / "failed-once")
     if lock == "repository":  # what another `dvc` command holds while it runs
         ready = tmp_path / "ready"
-        _holder(f"import zc.lockfile, time, pathlib; l = zc.lockfile.LockFile({str(repo / '.dvc/tmp/lock')!r}); "
-                f"pathlib.Path({str(ready)!r}).touch(); time.sleep(8)")  # DVC itself waits 3 s
+        _holder(f"import zc.lockfile, pathlib; l = zc.lockfile.LockFile({str(repo / '.dvc/tmp/lock')!r}); "
+                f"pathlib.Path({str(ready)!r}).touch()\n" + HOLD.format(flag=flag))  # DVC itself waits 3 s first
         _wait_for(ready.exists, 30, "the lock holder")
         message = "Unable to acquire lock"
     else:  # what a running stage holds on its outputs: another stage writing out.txt
-        sleeper = _holder("import time; time.sleep(4)")
+        sleeper = _holder(HOLD.format(flag=flag))
         (repo / ".dvc/tmp/rwlock").write_text(json.dumps(
             {"write": {str(repo / "out.txt"): {"pid": sleeper.pid, "cmd": "dvc repro -s other"}}, "read": {}}))
         message = "is busy, it is being blocked by"
-    status, output = run_dvc_stage("s", repo, stage_env())
+    status, output = run_dvc_stage("s", repo, stage_env(), command=[sys.executable, "-c", ATTEMPT, flag, "s", message])
     assert status == "ran" and message in output and (repo / "out.txt").read_text() == "x"
 
 
