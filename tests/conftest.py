@@ -1,7 +1,6 @@
 """Shared fixtures: a private MLflow database, the embedded data, and shrunken params."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -116,24 +115,16 @@ def server():
     shutil.rmtree(home, ignore_errors=True)
 
 
-# Every stage command, in the order given, one after the other in this process: no server, no DVC.
-PLAIN_STAGES = """import json, runpy, sys
-for cmd in json.loads(sys.argv[1]):
-    module, *argv = cmd.split()[2:]  # python -m <module> ...
-    sys.argv = [module, *argv]
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except SystemExit as stop:
-        if stop.code:
-            raise
-"""
-
-
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, fmnist_root) -> tuple[str, list]:
-    """ONE_POINT's stages run as plainly as can be (the commands of dvc.yaml in DVC's order, in one
-    process of their own: no stage server, no DVC, no orchestrator): the table and rows that every
-    way of running them must give (`results_of`). One run for the tests of the "e2e" group."""
+    """ONE_POINT's stages run as plainly as can be: the commands of dvc.yaml in DVC's order, each
+    module run as `python -m` runs it but in this process, one after the other (no stage server, no
+    DVC, no orchestrator, no process start): the table and rows that every way of running them must
+    give (`results_of`). One run for the tests of the "e2e" group."""
+    import contextlib
+    import runpy
+
+    import mlflow
     from dvc.repo import Repo
 
     from pipeline.stages import dvc_graph
@@ -143,8 +134,23 @@ def reference(tmp_path_factory, fmnist_root) -> tuple[str, list]:
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)  # .dvc/ came with the copy
     with Repo(str(repo)) as dvc:
         commands = {stage.name: stage.cmd for stage in dvc.index.stages}
-    out = subprocess.run([sys.executable, "-c", PLAIN_STAGES, json.dumps([commands[name] for name in dvc_graph(repo)])],
-                         cwd=repo, capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "TACTIC_STAGE_SERVER": "0", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"})
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    env = {"TACTIC_STAGE_SERVER": "0", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+    saved, argv = {k: os.environ.get(k) for k in env}, sys.argv
+    os.environ.update(env)
+    try:
+        with contextlib.chdir(repo):
+            for name in dvc_graph(repo):
+                module, *args = commands[name].split()[2:]  # python -m <module> ...
+                # The copy's params: a stage's default is those of the repo its `tactic` was imported from
+                sys.argv = [module, *args, "--params", "params.yaml"]
+                try:
+                    runpy.run_module(module, run_name="__main__", alter_sys=True)
+                except SystemExit as stop:
+                    assert not stop.code, f"{commands[name]} exited {stop.code}"
+    finally:
+        sys.argv = argv
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # the stages pointed MLflow at theirs
     return results_of(repo)
