@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -136,6 +137,7 @@ def reference(tmp_path_factory, fmnist_root) -> tuple[str, list]:
         commands = {stage.name: stage.cmd for stage in dvc.index.stages}
     env = {"TACTIC_STAGE_SERVER": "0", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
     saved, argv = {k: os.environ.get(k) for k in env}, sys.argv
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # a stage sets its own
     os.environ.update(env)
     try:
         with contextlib.chdir(repo):
@@ -149,6 +151,8 @@ def reference(tmp_path_factory, fmnist_root) -> tuple[str, list]:
                     assert not stop.code, f"{commands[name]} exited {stop.code}"
     finally:
         sys.argv = argv
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         if os.environ.get("MLFLOW_TRACKING_URI"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,14 @@ def _check_classes(ix: Index, folder: Path) -> None:
                            f"(see the unreadable images in skipped.json, or raise prepare.{folder.name}_size)")
 
 
+def _worker_start() -> None:
+    """In each worker of the decoding pool: SIGTERM ends it. A fork inherits its parent's Python
+    handlers, and `Pool.terminate` relies on SIGTERM killing workers that wait on its queue's lock; a
+    parent whose handler does not exit (a server's, a test process's) left one waiting for ever, and
+    `prepare` hung in `terminate` (seen in a test run)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def prepare(cfg: PrepareParams, out: str | Path) -> dict:
     """Read `cfg.dataset` from `cfg.root`, split it per `cfg`, write it to `out`; returns meta.json's content."""
     ix = index_dataset(cfg)
@@ -173,7 +182,7 @@ def prepare(cfg: PrepareParams, out: str | Path) -> dict:
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     # In-memory data (Fashion-MNIST at its own size) is cheaper to copy here than to ship to workers.
     files = isinstance(ix.images[0], Path) or cfg.size is not None
-    pool = ctx.Pool(workers) if files and workers > 1 and sum(map(len, splits.values())) >= 16 else None
+    pool = ctx.Pool(workers, initializer=_worker_start) if files and workers > 1 and sum(map(len, splits.values())) >= 16 else None
     try:
         with prepared_dir(out) as tmp:
             for name in SPLITS:
