@@ -119,16 +119,17 @@ def server():
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, fmnist_root) -> tuple[str, list]:
     """ONE_POINT's stages run as plainly as can be: the commands of dvc.yaml in DVC's order, each
-    module run as `python -m` runs it but in this process, one after the other (no stage server, no
-    DVC, no orchestrator, no process start): the table and rows that every way of running them must
-    give (`results_of`). One run for the tests of the "e2e" group."""
+    as `python -m` runs it (its module's `cli.run(main)` on its argv) but in this process, one after
+    the other (no stage server, no DVC, no orchestrator, no process start): the table and rows that
+    every way of running them must give (`results_of`). One run for the tests of the "e2e" group."""
     import contextlib
-    import runpy
+    import importlib
 
     import mlflow
     from dvc.repo import Repo
 
     from pipeline.stages import dvc_graph
+    from stages import cli
 
     tmp = tmp_path_factory.mktemp("reference")
     repo = copy_repo(tmp / "repo", ONE_POINT)
@@ -146,7 +147,7 @@ def reference(tmp_path_factory, fmnist_root) -> tuple[str, list]:
                 # The copy's params: a stage's default is those of the repo its `tactic` was imported from
                 sys.argv = [module, *args, "--params", "params.yaml"]
                 try:
-                    runpy.run_module(module, run_name="__main__", alter_sys=True)
+                    cli.run(importlib.import_module(module).main)
                 except SystemExit as stop:
                     assert not stop.code, f"{commands[name]} exited {stop.code}"
     finally:
