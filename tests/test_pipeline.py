@@ -12,7 +12,7 @@ import yaml
 
 from tactic.config import parse_params
 from tactic.experiment.grid import pretrain_runs, task_runs
-from tests.helpers import BIN, ONE_POINT, REPO, TINY, copy_repo, repo_params, results_of, served, subprocess_env
+from tests.helpers import BIN, ONE_POINT, REPO, TINY, copy_repo, dvc, repo_params, results_of, served, subprocess_env
 
 def _stage(args, cwd, db_uri):
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=subprocess_env(db_uri), capture_output=True, text=True, timeout=300)
@@ -32,9 +32,8 @@ def test_dvc_repro_runs_the_grid_then_does_nothing(tmp_path, _mlflow_db, server,
            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.1"}
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)  # .dvc/ came with the copy
     p = parse_params(ONE_POINT)
-    listed = subprocess.run([BIN / "dvc", "stage", "list", "--name-only"], cwd=repo, env=env, capture_output=True, text=True, check=True)
     expected = {r.stage for r in pretrain_runs(p) + task_runs(p)} | {"prepare", "weights", "evaluate", "report"}
-    assert set(listed.stdout.split()) == expected  # tactic.experiment.grid names stages exactly as DVC does
+    assert set(dvc(repo, "stage", "list", "--name-only").split()) == expected  # tactic.experiment.grid names stages exactly as DVC does
 
     # As `make run` runs it on 2 cores (pipeline.repro --jobs: the stages two at a time, each a
     # `dvc repro -s` whose lock libyaml writes) ...
