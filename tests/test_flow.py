@@ -243,12 +243,15 @@ print(json.dumps({a.key: [a.type, str(a.data)] for a in arts}))
 
 @pytest.mark.slow
 @PREFECT
-def test_compare_prints_the_operating_points_of_a_flow_run(flow_runs):
+def test_compare_prints_the_operating_points_of_a_flow_run(flow_runs, monkeypatch, capsys):
+    from tactic.cli import main  # `tactic`'s own entry, in this process: the command's 4-5 s of imports are the suite's already
+
     parent = _parent(_flow_run_id(flow_runs["good"].stdout))
     csv = flow_runs["tmp"] / "c.csv"
-    out = subprocess.run([BIN / "tactic", "compare", "--parent", parent["run_id"], "--csv", str(csv)], cwd=flow_runs["repo"],
-                         env=flow_runs["env"], capture_output=True, text=True)
-    assert out.returncode == 0 and "| aware | beta=0.004 | 1 |" in out.stdout, out.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", flow_runs["db"])
+    status = main(["compare", "--parent", parent["run_id"], "--csv", str(csv)])
+    out = capsys.readouterr()
+    assert status == 0 and "| aware | beta=0.004 | 1 |" in out.out, out.err
     assert csv.read_text().startswith("mode,beta,quality,bpp")
 
 
