@@ -13,7 +13,7 @@ import pytest
 
 from tactic.config import parse_params
 from tactic.data import fashion_mnist
-from tests.helpers import FMNIST_ROOT, ONE_POINT, REPO, TINY, copy_repo, results_of
+from tests.helpers import FMNIST_ROOT, ONE_POINT, REPO, TINY, copy_repo, fresh_mlflow, results_of
 
 # The DVC repositories tests make with `dvc init` would otherwise report usage: every DVC command there
 # started a `dvc daemon analytics` process (25 in a suite run, ~14 CPU-seconds) that tries the network.
@@ -58,10 +58,10 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True, scope="session")
 def _mlflow_db(tmp_path_factory):
     """Keep test runs out of the project's own tracking database."""
-    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    uri = fresh_mlflow(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
     old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
-    yield f"sqlite:///{db}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
     if old is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
@@ -136,7 +136,7 @@ def reference(tmp_path_factory, fmnist_root) -> tuple[str, list]:
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)  # .dvc/ came with the copy
     with Repo(str(repo)) as dvc:
         commands = {stage.name: stage.cmd for stage in dvc.index.stages}
-    env = {"TACTIC_STAGE_SERVER": "0", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+    env = {"TACTIC_STAGE_SERVER": "0", "MLFLOW_TRACKING_URI": fresh_mlflow(tmp / "mlflow.db")}
     saved, argv = {k: os.environ.get(k) for k in env}, sys.argv
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # a stage sets its own
     os.environ.update(env)

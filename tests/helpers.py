@@ -45,6 +45,27 @@ def repo_params(overrides: dict) -> dict:
 ONE_POINT = repo_params({**TINY, "betas": [0.004], "jpeg": {"qualities": [5]}})
 
 
+_MLFLOW_TEMPLATE: list[Path] = []  # this process's empty, migrated tracking database
+
+
+def fresh_mlflow(db: Path) -> str:
+    """A new MLflow tracking database at `db` (its URI): a copy of an empty one whose tables MLflow
+    created once in this process. Creating them takes MLflow 1.4 s a database, and most tests that
+    log want one of their own; what they test is what is logged, not MLflow's first use."""
+    import shutil
+    import tempfile
+
+    if not _MLFLOW_TEMPLATE:
+        from mlflow import MlflowClient
+
+        template = Path(tempfile.mkdtemp(prefix="tactic-mlflow-")) / "empty.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates the tables
+        _MLFLOW_TEMPLATE.append(template)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_MLFLOW_TEMPLATE[0], db)
+    return f"sqlite:///{db}"
+
+
 def served(env: dict) -> int:
     """How many commands the stage server that `env` reaches has served."""
     import subprocess

@@ -18,7 +18,7 @@ from tactic.config import merged
 from tactic.experiment.run import train_task
 from tactic.experiment.grid import Run
 from tactic.io import BadFileError, load_torch, process_start
-from tests.helpers import BIN, REPO, TINY
+from tests.helpers import BIN, REPO, TINY, fresh_mlflow
 
 # Enough steps per epoch (one thread) that a kill lands inside the first epoch or between checkpoints.
 SLOW = merged(TINY, {"prepare": {"train_size": 3000}, "train": {"epochs": 4, "batch_size": 8}})
@@ -27,9 +27,8 @@ SLOW = merged(TINY, {"prepare": {"train_size": 3000}, "train": {"epochs": 4, "ba
 @pytest.fixture(autouse=True)
 def _own_db(tmp_path, monkeypatch):
     """A tracking database per test: each asserts on every run of its stage."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     # Created here: two processes creating one SQLite store's tables at once collide.
-    mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_experiments()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fresh_mlflow(tmp_path / "mlflow.db"))
     yield
     monkeypatch.undo()
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])

@@ -19,7 +19,7 @@ import yaml
 from tactic.profiles import resolve_params, write_params
 from pipeline.stages import StageFailed, _reach, alone, dvc_graph, run_dvc_stage, stage_env
 from tactic.config import ParamsError, parse_params
-from tests.helpers import BIN, REPO, copy_repo, dvc, grid_graph, repo_params
+from tests.helpers import BIN, REPO, copy_repo, dvc, fresh_mlflow, grid_graph, repo_params
 
 
 def test_overrides_are_validated_before_anything_runs():
@@ -142,7 +142,7 @@ def flow_runs(tmp_path_factory, fmnist_root, xdg_cache):
     repo = copy_repo(tmp_path / "repo", repo_params({}))
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     port = _free_port()
-    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    db = fresh_mlflow(tmp_path / "mlflow.db")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp_path / "prefect"),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_UI_ENABLED": "false",  # the API is all these tests read; the UI's assets cost start-up time

@@ -9,13 +9,14 @@ import mlflow
 import pytest
 
 from tactic import mlflow_view, tracking
+from tests.helpers import fresh_mlflow
 
 JS = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
 
 
 @pytest.fixture
 def fresh_db(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fresh_mlflow(tmp_path / "m.db"))
     monkeypatch.setattr(mlflow_view, "current_task", lambda: "classification")  # whatever params.yaml says
     yield
     monkeypatch.undo()

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from tactic.report import aggregate, bd_summary, compressai_results, headline, table, write_report
+from tests.helpers import fresh_mlflow
 
 
 def _rows():
@@ -131,7 +132,7 @@ def test_compare_never_averages_runs_of_different_datasets_or_grids(capsys, tmp_
     at the same mode and point are two tables, not one mean."""
     from tactic import compare, tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fresh_mlflow(tmp_path / "m.db"))
     client = tracking.setup().MlflowClient()
     exp = client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
     for dataset, accuracy in (("fashion-mnist", 0.8), ("rsscn7", 0.4)):

@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.stages import GUARD_GRACE_S, stop_groups
 from tactic.config import parse_params
-from tests.helpers import BIN, ONE_POINT as RUN, copy_repo, grid_graph, results_of
+from tests.helpers import BIN, ONE_POINT as RUN, copy_repo, fresh_mlflow, grid_graph, results_of
 
 # The smoke profile at one operating point per mode, as the Prefect deployment tests run it: 9 stages.
 STAGES = {"prepare", "weights", "pretrain@0.004-0", "train_uncompressed@0", "train_jpeg@5-0", "train_agnostic@0.004-0",
@@ -32,7 +32,7 @@ def _checkout(tmp: Path, xdg_cache: Path) -> tuple[Path, dict]:
     suite's template of a migrated database where one has been kept)."""
     repo = copy_repo(tmp / "repo", RUN)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": fresh_mlflow(tmp / "mlflow.db"),
            "PYTHONPATH": str(repo), "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_UI_ENABLED": "false", "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": str(xdg_cache)}
     env.pop("PREFECT_API_URL", None)
