@@ -240,3 +240,47 @@ def test_datasets_check_reports_layout_counts_and_unreadable_images_and_writes_n
     (root / "aGrass").rename(root / "grass")
     assert check.main(["check", "rsscn7", str(root)]) == 1
     assert "expected layout" in capsys.readouterr().err
+
+
+# A caller whose SIGTERM handler does not end the process (as one of a test process's did), then
+# prepare on an image layout (so its decoding pool runs): at its first split, how each worker of the
+# pool takes SIGTERM (its /proc status: caught by a Python handler, ignored, or the default, which ends
+# it), once it has started (5 s at most). `Pool.terminate` relies on the default.
+POOL_UNDER_A_HANDLER = """import os, signal, sys, time
+from pathlib import Path
+from tactic.config import PrepareParams
+from tactic.data import fixtures, prepare as prep
+
+signal.signal(signal.SIGTERM, lambda *_: None)
+work = Path(sys.argv[1])
+cfg = PrepareParams(dataset="rsscn7", root=str(fixtures.rsscn7(work / "raw")), size=32, workers=2)
+
+def sigterm(pid):
+    status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    bit = lambda key: int(status[key].split()[0], 16) >> (signal.SIGTERM - 1) & 1
+    return "caught" if bit("SigCgt") else "ignored" if bit("SigIgn") else "default"
+
+def first_split(folder, ix, positions, cfg, pool, skipped):
+    pids = [w.pid for w in pool._pool]
+    end = time.time() + 5
+    while time.time() < end and any(sigterm(pid) != "default" for pid in pids):
+        time.sleep(0.05)
+    print(" ".join(sigterm(pid) for pid in pids), flush=True)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    os._exit(0)
+
+prep._write_split = first_split
+prep.prepare(cfg, work / "out")
+"""
+
+
+def test_the_decoding_pool_ends_on_sigterm_whatever_handler_its_caller_has(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    out = subprocess.run([sys.executable, "-c", POOL_UNDER_A_HANDLER, str(tmp_path)], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["default", "default"], out.stdout + out.stderr[-2000:]

@@ -164,10 +164,10 @@ def _check_classes(ix: Index, folder: Path) -> None:
 
 
 def _worker_start() -> None:
-    """In each worker of the decoding pool: SIGTERM ends it. A fork inherits its parent's Python
-    handlers, and `Pool.terminate` relies on SIGTERM killing workers that wait on its queue's lock; a
-    parent whose handler does not exit (a server's, a test process's) left one waiting for ever, and
-    `prepare` hung in `terminate` (seen in a test run)."""
+    """In each worker of the decoding pool: SIGTERM ends it, whatever handler the caller had
+    installed (a fork inherits its parent's Python handlers). `Pool.terminate` relies on SIGTERM
+    killing workers that wait on the pool's queue lock; in one test run a worker forked from a test
+    process with handlers of its own stayed waiting there, and `prepare` hung in `terminate`."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
