@@ -21,7 +21,7 @@ os.environ["DVC_NO_ANALYTICS"] = "1"
 
 # The tests that run the pipeline through subprocesses, longest first.
 LONGEST = ("test_a_failing_stage_fails_the_flow_run_with_its_own_message",  # the Prefect deployment's group
-           "test_kfp_local_runs_every_stage_after_its_needs_and_gives_the_plain_runs_results")  # "e2e": ~100 s
+           "test_kfp_local_runs_every_stage_after_its_needs_and_gives_the_plain_runs_results")  # "e2e": ~80 s
 QUICK = len(LONGEST) + 1  # the rank of a test that is not slow
 
 

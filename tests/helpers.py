@@ -52,13 +52,16 @@ def fresh_mlflow(db: Path) -> str:
     """A new MLflow tracking database at `db` (its URI): a copy of an empty one whose tables MLflow
     created once in this process. Creating them takes MLflow 1.4 s a database, and most tests that
     log want one of their own; what they test is what is logged, not MLflow's first use."""
+    import atexit
     import shutil
     import tempfile
 
     if not _MLFLOW_TEMPLATE:
         from mlflow import MlflowClient
 
-        template = Path(tempfile.mkdtemp(prefix="tactic-mlflow-")) / "empty.db"
+        folder = tempfile.mkdtemp(prefix="tactic-mlflow-")
+        atexit.register(shutil.rmtree, folder, True)
+        template = Path(folder) / "empty.db"
         MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates the tables
         _MLFLOW_TEMPLATE.append(template)
     db.parent.mkdir(parents=True, exist_ok=True)
