@@ -12,7 +12,7 @@ import yaml
 
 from tactic.config import parse_params
 from tactic.experiment.grid import pretrain_runs, task_runs
-from tests.helpers import BIN, ONE_POINT, REPO, TINY, copy_repo, dvc, repo_params, results_of, served, subprocess_env
+from tests.helpers import BIN, ONE_POINT, REPO, TINY, copy_repo, dvc, results_of, served, subprocess_env
 
 def _stage(args, cwd, db_uri):
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=subprocess_env(db_uri), capture_output=True, text=True, timeout=300)
@@ -127,12 +127,10 @@ def test_train_before_prepare_says_which_stage(tmp_path):
     assert out.returncode == 2 and "run the prepare stage first" in out.stderr
 
 
-# Prints {entry: [files of the project modules it imports]}: the third-party libraries are imported
-# once, as the stage server does, then each entry is imported in a fork of its own, so that what one
-# entry imports never hides what another needs.
-# What each stage entry imports of this project, seen as a served stage sees it: in a fork of the
-# stage server (which has torch, MLflow, DVC ... imported: its PRELOAD) when one runs for this venv,
-# as `make test` starts it (0.5 s instead of ~8 s of imports), else after importing PRELOAD itself.
+# Prints {entry: [files of the project modules it imports]}: the third-party libraries imported once,
+# as the stage server has them (in a fork of the server when one runs for this venv, as `make test`
+# starts it: 0.7 s instead of ~8 s of imports; else importing its PRELOAD here), then each entry
+# imported in a fork of its own, so that what one entry imports never hides what another needs.
 IMPORTS = """from stages.server import handoff
 
 handoff(__name__)
