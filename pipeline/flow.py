@@ -157,7 +157,31 @@ def main(argv=None):
     scheduler = args.dask_address or os.environ.get("TACTIC_DASK_ADDRESS")
     with contextlib.ExitStack() as stack:  # `_start_up` runs while a temporary Prefect server boots (~8 s of one core)
         with shared_api(meanwhile=lambda: _start_up(stack, scheduler, args.workers)) as address:
-            tactic.with_options(task_runner=DaskTaskRunner(address=address))(profile=args.profile)
+            try:
+                tactic.with_options(task_runner=DaskTaskRunner(address=address))(profile=args.profile)
+            finally:
+                if scheduler:
+                    _drain_workers(address)
+
+
+async def _drain_prefect() -> None:
+    """On a Dask worker: send what Prefect's log and event services still hold, and stop them."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        await service.drain_all(timeout=10)
+
+
+def _drain_workers(address: str) -> None:
+    """Drain Prefect's services on the workers of the cluster at `address` while the flow's API still
+    answers. Otherwise a worker stopped after the flow (the flow's temporary API gone with it) spent
+    its exit draining them into a server that no longer listens: measured, more than 60 s after
+    SIGTERM, where it now exits at once. A new task on the worker starts them again."""
+    from distributed import Client
+
+    with contextlib.suppress(Exception), Client(address, timeout=10) as client:  # only exits faster: never fails the flow
+        client.run(_drain_prefect)
 
 
 def _start_up(stack: contextlib.ExitStack, address: Optional[str], workers: Optional[int]) -> str:
