@@ -251,9 +251,10 @@ def dask_run(tmp_path_factory, fmnist_root, xdg_cache) -> dict:
         watcher.done.set()
         watcher.join()
     finally:
-        # SIGKILLed only after 15 s: a worker used to spend more than a minute exiting, its Prefect
-        # services draining into the flow's temporary API server, gone by then (pipeline/flow.py
-        # `_drain_workers`).
+        # Workers before the scheduler, each SIGKILLed only after 15 s: a worker used to spend more
+        # than a minute exiting, its Prefect services draining into the flow's temporary API server,
+        # gone by then (pipeline/flow.py `_drain_workers`); or hung for good, stopped together with
+        # its scheduler (pipeline/stages.py `stop_groups`).
         stop_groups(procs, timeout=15)
     return {"repo": repo, "flow": flow, "workers": workers, "watcher": watcher, "mlflow": _stage_runs(tmp / "mlflow.db"),
             "logs": {p.pid: (logs / f"w{i}.log").read_text() for i, p in enumerate(procs[1:])},
