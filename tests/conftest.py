@@ -105,10 +105,12 @@ def server():
     """A stage server of its own (tests/test_stage_server.py), whose `status` counts what it served:
     (env for commands it should serve, its private folder)."""
     # A short private folder: the socket lives there (Unix socket paths are limited to ~100 bytes).
+    # Stopped at teardown; its idle exit (900 s) only cleans up after a killed suite: with 120 s, the
+    # e2e group's other tests outlasted it on a slow machine and the later server tests found none.
     home = Path(tempfile.mkdtemp(prefix="tss", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "TACTIC_STAGE_SERVER")}
     env.update(TMPDIR=str(home), PYTHONPATH=str(REPO))
-    started = subprocess.run([sys.executable, "-m", "stages.server", "start", "--wait", "120", "--idle", "120"], cwd=REPO,
+    started = subprocess.run([sys.executable, "-m", "stages.server", "start", "--wait", "120", "--idle", "900"], cwd=REPO,
                              env=env, capture_output=True, text=True, timeout=150)
     assert started.returncode == 0 and "started" in started.stdout, started.stdout + started.stderr
     yield env, home
