@@ -261,7 +261,7 @@ def stop_groups(procs: list[subprocess.Popen], timeout: float = 30) -> None:
     next: SIGTERM its process group, then SIGKILL the group if it still runs after `timeout` s. A Dask
     worker (`--no-nanny`) stopped together with its scheduler could hang for good in its exit: the
     scheduler's close message started the worker's close, which the SIGTERM exit then cancelled
-    halfway (seen in 1 of 3 runs of the cluster test under load); workers stopped first exit in ~1 s."""
+    halfway (2 of 6 runs of the cluster test; none of 4 with the workers first, each out in ~1 s)."""
     for p in reversed(procs):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGTERM)
