@@ -70,6 +70,34 @@ def test_stale_checkpoint_is_not_resumed(tiny_params, prepared, tmp_path, capsys
     assert (models / run.key / "model.pt").exists()
 
 
+def test_a_checkpoint_from_a_codec_since_retrained_is_not_resumed(tiny_params, prepared, codec_models, tmp_path,
+                                                                    monkeypatch, capsys):
+    """`aware` interrupted, then its pre-trained codec made again (a changed `pretrain` param: DVC re-runs
+    both stages): the run starts over from the new codec instead of resuming weights fine-tuned from the old."""
+    run = Run("aware", 0, beta=0.03)
+    models = _models_with_codec(codec_models, tmp_path / "models")
+    real_log = tracking.log_metrics
+
+    def log_then_die(metrics, step=None):
+        real_log(metrics, step)
+        if step == 1:  # the first epoch's checkpoint written
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking, "log_metrics", log_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_task(tiny_params, run, prepared, models)
+    monkeypatch.setattr(tracking, "log_metrics", real_log)
+    assert (models.parent / ".checkpoints" / run.key / "last.pt").is_file()
+    codec_file = run.codec_run.model_path(models)
+    codec = torch.load(codec_file, weights_only=False)
+    codec["codec"]["state"]["g_s.0.bias"] += 0.01
+    torch.save(codec, codec_file)
+    capsys.readouterr()
+    train_task(tiny_params, run, prepared, models)
+    assert "written by another configuration" in capsys.readouterr().err
+    assert [h["epoch"] for h in torch.load(models / run.key / "model.pt", weights_only=False)["history"]] == [0, 1]
+
+
 @pytest.mark.parametrize("mode, point", [("uncompressed", {}), ("jpeg", {"quality": 5}), ("agnostic", {"beta": 0.3})])
 def test_modes_train_evaluate_and_log(tiny_params, prepared, codec_models, tmp_path, mode, point):
     run = Run(mode, 0, **point)

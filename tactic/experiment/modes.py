@@ -99,6 +99,11 @@ class Mode:
     def _codec(self, run, models: Path, device):
         return load_codec(run.codec_run.model_path(models), device, f"the model of stage {run.codec_run.stage}")[0]
 
+    def _codec_init(self, run, models: Path) -> dict:
+        """The pre-trained codec a run starts from, by run and by content: in the run's params and in its
+        checkpoint's fingerprint, so a checkpoint made from a codec since re-trained is not resumed."""
+        return {"codec_init": run.codec_run.key, "codec_init_sha256": digest(str(run.codec_run.model_path(models)))}
+
     def _on_cached_codes(self, plan: Plan, p: Params, run, data: Path, device, models: Path) -> Plan:
         """`plan` with its task network training on the codes of `plan.system` (saved as it is
         evaluated), cached: the optimisers already hold only the task network's parameters."""
@@ -167,7 +172,7 @@ class _TacticMode(Mode):
         codec = None
         if self.pretrain:
             codec = self._codec(run, models, device)
-            run_params["codec_init"] = run.codec_run.key
+            run_params.update(self._codec_init(run, models))
             loss = self._codec_loss(p, run, codec, task_loss) or loss
         system = System(codec, task, codec_frozen=self.name == "agnostic").to(device)
         loss.to(device)
@@ -253,7 +258,7 @@ class _LatentMode(Mode):
             raise BadFileError(f"the model of stage {run.codec_run.stage}: {run.codec_run.model_path(models)} holds "
                                f"a codec of quality {codec.config.get('quality')}, not {run.quality} (re-run that stage)")
         task = self.task_network(p, meta, codec)
-        run_params = {"codec_init": run.codec_run.key, "N": codec.N, "M": codec.M, "task_net": type(task).__name__,
+        run_params = {**self._codec_init(run, models), "N": codec.N, "M": codec.M, "task_net": type(task).__name__,
                       "weights_sha256": digest(p.latent.weights)}
         return codec, task, run_params
 
