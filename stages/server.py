@@ -439,6 +439,40 @@ def _claim(path: str) -> int | None:
     return fd
 
 
+def remove_stale(path: str, older_than: float = 3600.0) -> list[str]:
+    """Remove the socket, log and lock files of this user's servers of other venv states (each install
+    that changes site-packages gets a new fingerprint, and so a new set of files) that no server holds
+    and nothing has touched for `older_than` seconds: left alone, they pile up in /tmp. Returns the
+    names removed."""
+    import fcntl
+    import glob
+
+    own = os.path.basename(path).removesuffix(".sock")
+    prefix = os.path.join(os.path.dirname(path), f"tactic-stage-server-{os.getuid()}-")
+    removed = []
+    for name in sorted({f.rsplit(".", 1)[0] for f in glob.glob(prefix + "*.*")} - {os.path.join(os.path.dirname(path), own)}):
+        files = [name + ext for ext in (".sock", ".log", ".lock") if os.path.exists(name + ext)]
+        try:
+            if any(time.time() - os.stat(f).st_mtime < older_than for f in files):
+                continue  # a server of another venv may be starting: its `start` wrote the log first
+            fd = os.open(name + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held for the life of a running server
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        for f in (name + ".sock", name + ".log", name + ".lock"):
+            try:
+                os.unlink(f)
+                removed.append(os.path.basename(f))
+            except FileNotFoundError:
+                pass
+        os.close(fd)
+    return removed
+
+
 def _claim_unless_served(path: str, timeout: float = 120.0) -> int | None:
     """The start-up lock once it is free, or None as soon as another server of this venv answers.
     A server that holds the lock without answering is either preloading (two `start`s at once: it
@@ -515,6 +549,9 @@ def main(argv=None) -> int:
             return ANOTHER
         server = Server(socket_path(), args.idle)
         server.claim = claim
+        removed = remove_stale(server.path)
+        if removed:
+            print(f"stage server: removed {len(removed)} files of servers of earlier installs", file=sys.stderr, flush=True)
         server.preload()
         server.serve()
         return 0

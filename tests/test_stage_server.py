@@ -228,3 +228,31 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_files_of_servers_of_earlier_installs_are_removed_unless_held_or_recent(tmp_path):
+    """Each install that changes site-packages starts servers under a new name; a server removes the
+    files of the others that no server holds (their lock) and nothing touched for an hour: never its
+    own, a running one's, or those of a server that is just starting."""
+    import fcntl
+
+    from stages import server as srv
+
+    uid = os.getuid()
+    own = tmp_path / f"tactic-stage-server-{uid}-000000000000.sock"
+    sets = {name: [tmp_path / f"tactic-stage-server-{uid}-{name}{ext}" for ext in (".sock", ".log", ".lock")]
+            for name in ("aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc")}
+    other_user = tmp_path / f"tactic-stage-server-{uid + 1}-dddddddddddd.log"
+    for f in [own, own.with_suffix(".log"), own.with_suffix(".lock"), other_user, *sum(sets.values(), [])]:
+        f.write_text("")
+        os.utime(f, (time.time() - 7200, time.time() - 7200))
+    os.utime(sets["cccccccccccc"][1])  # its log just written: a server starting
+    held = os.open(sets["bbbbbbbbbbbb"][2], os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a server running
+    try:
+        removed = srv.remove_stale(str(own))
+    finally:
+        os.close(held)
+    assert sorted(removed) == sorted(f.name for f in sets["aaaaaaaaaaaa"])
+    assert not any(f.exists() for f in sets["aaaaaaaaaaaa"])
+    assert all(f.exists() for f in sets["bbbbbbbbbbbb"] + sets["cccccccccccc"] + [own, other_user])
