@@ -169,6 +169,17 @@ def accuracy_at_rate(rate, acc, budget: float) -> float | None:
     return float(max(inside))
 
 
+def accuracy_read_at(rate, acc, at: float) -> float:
+    """The curve's accuracy at `at` bpp, interpolated in log10(bpp) between the two points that bracket
+    it: a reference curve read at another mode's rate, for a gain at matched rate. Raises ValueError
+    outside the curve's rates (no extrapolation)."""
+    lr, a = _curve(rate, acc)
+    la = np.log10(at)
+    if not lr[0] <= la <= lr[-1]:
+        raise ValueError(f"{at:.3g} bpp is outside the reference's rates [{10**lr[0]:.3g}, {10**lr[-1]:.3g}]")
+    return float(np.interp(la, lr, a))
+
+
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
     """Pixel counts (num_classes, num_classes), int64, on the inputs' device: row = true class, column = predicted.
 

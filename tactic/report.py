@@ -18,7 +18,7 @@ from tactic.experiment.grid import MODES
 from tactic.experiment.modes import MODES as MODE_TABLE
 from tactic.io import atomic_path, write_json, write_text
 from tactic.metrics import ALL_TEST_METRICS as FIELDS
-from tactic.metrics import BD_METHODS, accuracy_at_rate, at_chance, bd_accuracy, bd_rate, rate_at_accuracy
+from tactic.metrics import BD_METHODS, accuracy_at_rate, accuracy_read_at, at_chance, bd_accuracy, bd_rate, rate_at_accuracy
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -39,6 +39,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return sorted(points, key=lambda p: (order.get(p["mode"], 99), p["beta"] or 0, p["quality"] or 0))
 
 
+def point_label(r: dict) -> str:
+    """A run's or point's operating point as the tables name it: beta=<b>, q=<quality> or -."""
+    return f"beta={r['beta']}" if r.get("beta") is not None else f"q={r['quality']}" if r.get("quality") is not None else "-"
+
+
 def _curve(points, mode, field="accuracy"):
     ps = sorted((p for p in points if p["mode"] == mode and field in p), key=lambda p: p["bpp"])
     return [p["bpp"] for p in ps], [p[field] for p in ps]
@@ -56,6 +61,9 @@ def comparisons(points: list[dict], field: str = "accuracy") -> tuple[dict, dict
     - bd_<field>_<mode>_vs_<ref>: BD-accuracy (percentage points) over the overlapping rate range;
     - bdrate_<field>_<mode>_vs_<ref>: BD-rate (%) over the overlapping accuracy range;
       both with piecewise-linear interpolation, and with `_pchip` (tactic.metrics.bd_accuracy) beside;
+    - gain_<field>_<mode>_vs_<ref>_at_<beta|q>_<value>: at each of the mode's operating points, its accuracy minus
+      the reference's read at the same rate (percentage points): where along the curve a BD figure,
+      which averages over the whole overlap, comes from;
     and, with `aware` and `jpeg`, at JPEG's lowest rate (its cheapest operating point), which learned
     codecs often undercut, so that a comparison exists where the rate ranges do not overlap:
     - jpeg_min_rate, jpeg_min_rate_<field>: that point;
@@ -82,6 +90,10 @@ def comparisons(points: list[dict], field: str = "accuracy") -> tuple[dict, dict
                 suffix = "" if method == "linear" else f"_{method}"
                 put(f"bd_{field}_{mode}_vs_{ref}{suffix}", lambda: scale * bd_accuracy(*ref_curve, *curve, method=method))
                 put(f"bdrate_{field}_{mode}_vs_{ref}{suffix}", lambda: bd_rate(*ref_curve, *curve, method=method))
+            for p in (p for p in points if p["mode"] == mode and field in p):
+                # MLflow's metric names (the report logs the summary) allow no '=' or '@'
+                put(f"gain_{field}_{mode}_vs_{ref}_at_{point_label(p).replace('=', '_')}",
+                    lambda: scale * (p[field] - accuracy_read_at(*ref_curve, p["bpp"])))
     jpeg = [p for p in points if p["mode"] == "jpeg" and field in p]
     if not jpeg or "aware" not in modes:
         return out, notes
@@ -165,7 +177,7 @@ def table(points: list[dict]) -> str:
             f"{' MS-SSIM |' if msssim else ''}\n|---|---|---|---|---|---|---|---|---|{'---|' if msssim else ''}\n")
     lines = []
     for p in points:
-        point = f"beta={p['beta']}" if p["beta"] is not None else (f"q={p['quality']}" if p["quality"] is not None else "-")
+        point = point_label(p)
         lines.append(f"| {p['mode']} | {point} | {len(p['seeds'])} | {_fmt(p, 'accuracy', 100, 2)} | "
                      f"{_fmt(p, 'miou' if seg else 'top5', 100, 2)} | "
                      f"{_fmt(p, 'bpp')} | {_fmt(p, 'bpp_estimated')} | {_fmt(p, 'bpp_file')} | {_fmt(p, 'psnr', 1, 2)} |"
@@ -189,7 +201,7 @@ def point_metrics(points: list[dict]) -> dict:
     metrics (`dvc exp show` makes a column of each, `dvc metrics diff` compares two experiments)."""
     out = {}
     for p in points:
-        point = f"beta={p['beta']}" if p["beta"] is not None else f"q={p['quality']}" if p["quality"] is not None else "-"
+        point = point_label(p)
         out.setdefault(p["mode"], {})[point] = {k: round(p[k], 6) for k in
                                                  ("accuracy", "accuracy_std", "miou", "miou_std", "top5", "bpp", "bpp_std", "psnr", "msssim")
                                                  if p.get(k) is not None}
@@ -208,6 +220,9 @@ def compressai_results(points: list[dict], mode: str, dataset: str) -> dict:
     return {"name": f"tactic-{mode}", "description": f"{mode} on {dataset}, mean over seeds", "results": results}
 
 
+_SUFFIXES = ("_note", "_seed_std", "_seeds_left_out")  # what bd_summary adds beside a figure's key
+
+
 def headline(summary: dict, field: str = "accuracy") -> str:
     """The comparisons of `bd_summary` as a markdown table: figure, value on the seed-mean curves,
     spread over seeds, and the reason where a figure is missing or a seed was left out."""
@@ -218,6 +233,10 @@ def headline(summary: dict, field: str = "accuracy") -> str:
     for suffix, method in (("", "linear"), ("_pchip", "pchip")):
         rows += [(f"bdrate_{field}_{m}_vs_{r}{suffix}", f"BD-rate {m} vs {r} at equal {name} (%, {method})", ".1f")
                  for m, r in PAIRS]
+    gains = [key for key in summary if key.startswith(f"gain_{field}_") and not key.endswith(_SUFFIXES)]
+    gain_name = lambda key: (key.removeprefix(f"gain_{field}_").replace("_vs_", " vs ")  # noqa: E731
+                             .replace("_at_beta_", " at beta=").replace("_at_q_", " at q="))
+    rows += [(key, f"{name} gain {gain_name(key)}, at the same rate (points)", ".2f") for key in gains if summary[key] is not None]
     rows += [("jpeg_min_rate", "JPEG's lowest rate (bpp)", ".3f"),
             (f"jpeg_min_rate_{field}", f"JPEG's {name} there (%)", ".2f"),
             (f"aware_{field}_at_jpeg_min_rate", f"aware's best {name} at or below that rate (%)", ".2f"),
@@ -239,6 +258,9 @@ def headline(summary: dict, field: str = "accuracy") -> str:
             note += "; seeds left out: " + ", ".join(f"{s} ({why})" for s, why in summary[f"{key}_seeds_left_out"].items())
         lines.append(f"| {label} | {'-' if value is None else format(scale * value, fmt)} | "
                      f"{'-' if std is None else '± ' + format(scale * std, fmt)} | {note.lstrip('; ')} |")
+    outside = [gain_name(key) for key in gains if summary[key] is None]
+    if outside:  # a point beyond the reference's rates has no gain at the same rate (summary.json: why, per key)
+        lines.append(f"\nNo {name} gain at the same rate (the point lies outside the reference's rates): {'; '.join(outside)}")
     if field == "accuracy" and summary.get("runs_at_chance"):
         lines.append(f"\n**At chance accuracy** (not above 1/classes by 3 standard errors), check these runs: "
                      f"{', '.join(summary['runs_at_chance'])}")
@@ -253,7 +275,7 @@ def curves_csv(rows: list[dict]) -> str:
     w = csv.DictWriter(buf, ["run", "mode", "point", "seed", *keep], extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        point = f"beta={r['beta']}" if r.get("beta") is not None else f"q={r['quality']}" if r.get("quality") is not None else "-"
+        point = point_label(r)
         for epoch in r.get("history", []):
             w.writerow({"run": r["run"], "mode": r["mode"], "point": point, "seed": r["seed"],
                         **{k: epoch[k] for k in keep if epoch.get(k) is not None}})

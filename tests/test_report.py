@@ -105,6 +105,28 @@ def test_matched_rate_figures_and_seeds_left_out():
     assert "| JPEG's accuracy there (%) | 61.00 | ± 1.41 |" in text
 
 
+def test_gain_at_the_same_rate_per_operating_point():
+    """At each of aware's points: its accuracy minus agnostic's curve read at aware's own rate (log-linear
+    between the agnostic points that bracket it); a point beyond agnostic's rates has none, and says so."""
+    rows = _rows()
+    for r in rows:
+        if r["mode"] == "aware" and r["beta"] == 0.004:
+            r["bpp"] = 0.56  # between agnostic's 0.4 and 0.8 bpp
+        if r["mode"] == "aware" and r["beta"] == 0.0005:
+            r["bpp"] = 3.2  # above agnostic's highest rate, 1.6
+    s = bd_summary(aggregate(rows), rows)
+    assert s["gain_accuracy_aware_vs_agnostic_at_beta_0.03"] == pytest.approx(10.0)  # same rate: 0.66 - 0.56
+    assert s["gain_accuracy_aware_vs_agnostic_at_beta_0.03_seed_std"] == pytest.approx(0.0, abs=1e-9)
+    read = 0.56 + 0.1 * np.log(0.56 / 0.4) / np.log(2)  # agnostic's seed-mean curve at 0.56 bpp
+    assert s["gain_accuracy_aware_vs_agnostic_at_beta_0.004"] == pytest.approx(100 * (0.76 - read))
+    assert s["gain_accuracy_aware_vs_agnostic_at_beta_0.0005"] is None
+    assert "outside the reference's rates" in s["gain_accuracy_aware_vs_agnostic_at_beta_0.0005_note"]
+    text = headline(s)
+    gain = s["gain_accuracy_aware_vs_agnostic_at_beta_0.004"]
+    assert f"| accuracy gain aware vs agnostic at beta=0.004, at the same rate (points) | {gain:.2f} | ± 0.00 |" in text
+    assert "outside the reference's rates): aware vs agnostic at beta=0.0005" in text
+
+
 def test_runs_at_chance_are_flagged_not_dropped(tmp_path):
     rows = [{**r, "run": f"{r['mode']}/{r['seed']}/{r['beta'] or r['quality']}", "num_classes": 10, "num_images": 2000}
             for r in _rows()]
