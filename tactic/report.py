@@ -44,6 +44,17 @@ def point_label(r: dict) -> str:
     return f"beta={r['beta']}" if r.get("beta") is not None else f"q={r['quality']}" if r.get("quality") is not None else "-"
 
 
+def _gain_key(field: str, mode: str, ref: str, p: dict) -> str:
+    """The summary key of `mode`'s gain over `ref` at point `p`; MLflow's metric names (the report logs
+    the summary) allow no '=' or '@', so beta=0.4 is written beta_0.4 (`_gain_label` reads it back)."""
+    return f"gain_{field}_{mode}_vs_{ref}_at_{point_label(p).replace('=', '_')}"
+
+
+def _gain_label(key: str, field: str) -> str:
+    return (key.removeprefix(f"gain_{field}_").replace("_vs_", " vs ")
+            .replace("_at_beta_", " at beta=").replace("_at_q_", " at q="))
+
+
 def _curve(points, mode, field="accuracy"):
     ps = sorted((p for p in points if p["mode"] == mode and field in p), key=lambda p: p["bpp"])
     return [p["bpp"] for p in ps], [p[field] for p in ps]
@@ -91,9 +102,7 @@ def comparisons(points: list[dict], field: str = "accuracy") -> tuple[dict, dict
                 put(f"bd_{field}_{mode}_vs_{ref}{suffix}", lambda: scale * bd_accuracy(*ref_curve, *curve, method=method))
                 put(f"bdrate_{field}_{mode}_vs_{ref}{suffix}", lambda: bd_rate(*ref_curve, *curve, method=method))
             for p in (p for p in points if p["mode"] == mode and field in p):
-                # MLflow's metric names (the report logs the summary) allow no '=' or '@'
-                put(f"gain_{field}_{mode}_vs_{ref}_at_{point_label(p).replace('=', '_')}",
-                    lambda: scale * (p[field] - accuracy_read_at(*ref_curve, p["bpp"])))
+                put(_gain_key(field, mode, ref, p), lambda: scale * (p[field] - accuracy_read_at(*ref_curve, p["bpp"])))
     jpeg = [p for p in points if p["mode"] == "jpeg" and field in p]
     if not jpeg or "aware" not in modes:
         return out, notes
@@ -234,9 +243,7 @@ def headline(summary: dict, field: str = "accuracy") -> str:
         rows += [(f"bdrate_{field}_{m}_vs_{r}{suffix}", f"BD-rate {m} vs {r} at equal {name} (%, {method})", ".1f")
                  for m, r in PAIRS]
     gains = [key for key in summary if key.startswith(f"gain_{field}_") and not key.endswith(_SUFFIXES)]
-    gain_name = lambda key: (key.removeprefix(f"gain_{field}_").replace("_vs_", " vs ")  # noqa: E731
-                             .replace("_at_beta_", " at beta=").replace("_at_q_", " at q="))
-    rows += [(key, f"{name} gain {gain_name(key)}, at the same rate (points)", ".2f") for key in gains if summary[key] is not None]
+    rows += [(key, f"{name} gain {_gain_label(key, field)}, at the same rate (points)", ".2f") for key in gains if summary[key] is not None]
     rows += [("jpeg_min_rate", "JPEG's lowest rate (bpp)", ".3f"),
             (f"jpeg_min_rate_{field}", f"JPEG's {name} there (%)", ".2f"),
             (f"aware_{field}_at_jpeg_min_rate", f"aware's best {name} at or below that rate (%)", ".2f"),
@@ -258,7 +265,7 @@ def headline(summary: dict, field: str = "accuracy") -> str:
             note += "; seeds left out: " + ", ".join(f"{s} ({why})" for s, why in summary[f"{key}_seeds_left_out"].items())
         lines.append(f"| {label} | {'-' if value is None else format(scale * value, fmt)} | "
                      f"{'-' if std is None else '± ' + format(scale * std, fmt)} | {note.lstrip('; ')} |")
-    outside = [gain_name(key) for key in gains if summary[key] is None]
+    outside = [_gain_label(key, field) for key in gains if summary[key] is None]
     if outside:  # a point beyond the reference's rates has no gain at the same rate (summary.json: why, per key)
         lines.append(f"\nNo {name} gain at the same rate (the point lies outside the reference's rates): {'; '.join(outside)}")
     if field == "accuracy" and summary.get("runs_at_chance"):
