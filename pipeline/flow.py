@@ -27,7 +27,8 @@ from prefect.futures import wait
 from prefect.runtime import flow_run as current_flow_run
 from prefect_dask import DaskTaskRunner
 
-from pipeline.stages import dvc_graph, outlive_the_reader, run_dvc_stage, stage_env, stage_priority, stage_threads
+from pipeline.stages import (dvc_graph, fresh_at_start, lock_outs, outlive_the_reader, run_dvc_stage, stage_env,
+                             stage_priority, stage_threads, still_fresh)
 from tactic import tracking
 from tactic.config import ROOT
 from tactic.profiles import resolve_params, write_params
@@ -61,8 +62,11 @@ def local_cluster_kwargs(workers: Optional[int] = None) -> dict:
 
 
 @task(name="stage", task_run_name="{name}", retries=0)
-def dvc_stage(name: str, root: str, env: dict) -> str:
+def dvc_stage(name: str, root: str, env: dict, fresh: Optional[dict] = None) -> str:
     logger = get_run_logger()
+    if still_fresh(fresh, lock_outs(root)):  # what DVC would skip: no DVC process for it (`fresh_at_start`)
+        logger.info("%s up to date", name)
+        return "skipped"
     status, output = run_dvc_stage(name, root, env)
     logger.info("%s %s on %s\n%s", name, status, _where(), "\n".join(output.strip().splitlines()[-5:]) if status == "ran" else "")
     return status
@@ -86,6 +90,7 @@ def tactic(profile: Optional[str] = None, dataset: Optional[str] = None, seeds: 
     raw = resolve_params(root, profile, dataset, seeds, betas, params)
     write_params(root / "params.yaml", raw)
     graph = dvc_graph(root)  # DVC's own, for these params: what `dvc repro` would run
+    fresh = fresh_at_start(root, graph)
     flow_run_id = str(current_flow_run.id or "local")
     with tracking.start_run(f"flow {current_flow_run.name or 'local'}", None, {"profile": profile, "stages": len(graph)},
                             tags={"prefect_flow_run_id": flow_run_id}) as parent:
@@ -96,7 +101,7 @@ def tactic(profile: Optional[str] = None, dataset: Optional[str] = None, seeds: 
         futures = {}
         for name, needs in graph.items():
             with dask.annotate(priority=priority[name]):
-                futures[name] = dvc_stage.submit(name, str(root), {**env, "TACTIC_THREADS": threads[name]},
+                futures[name] = dvc_stage.submit(name, str(root), {**env, "TACTIC_THREADS": threads[name]}, fresh[name],
                                                  wait_for=[futures[n] for n in needs])
         _show_progress(futures)
         # After a failure too, every task ends before the flow does (the stages that do not need the

@@ -95,7 +95,8 @@ def use_fast_lock() -> None:
 def parallel(root: str, jobs: int) -> int:
     """Every stage of DVC's graph, `jobs` at a time: each as `python -m pipeline.repro -s <stage>` (so
     DVC decides, stage by stage, what is up to date and records it in dvc.lock, as `dvc repro` does)
-    once the stages it needs have ended; DVC's lock conflicts between them are retried
+    once the stages it needs have ended, but for those DVC would skip (`still_fresh`: up to date at
+    the start, nothing they need changed since); DVC's lock conflicts between them are retried
     (`run_dvc_stage`). Each stage gets cores // jobs torch threads (`TACTIC_THREADS`; a stage nothing
     can run beside, `evaluate` or `report`, gets them all). Stages that more stages wait on start
     first, then those deeper in the graph, so the short leaves (JPEG, uncompressed) fill the end.
@@ -103,7 +104,8 @@ def parallel(root: str, jobs: int) -> int:
     stage's output. A stage never outlives this process (`run_guarded`)."""
     import concurrent.futures as cf
 
-    from pipeline.stages import RETRIED, StageFailed, dvc_graph, run_dvc_stage, stage_env, stage_priority, stage_threads
+    from pipeline.stages import (RETRIED, StageFailed, dvc_graph, fresh_at_start, lock_outs, run_dvc_stage, stage_env,
+                                 stage_priority, stage_threads, still_fresh)
     from stages import server
 
     started = time.monotonic()
@@ -115,6 +117,7 @@ def parallel(root: str, jobs: int) -> int:
     graph = dvc_graph(root)
     threads = stage_threads(graph, jobs)
     priority = stage_priority(graph)
+    fresh = fresh_at_start(root, graph)
     statuses: dict[str, str] = {}
     running: dict[cf.Future, str] = {}
     failed: list[StageFailed] = []
@@ -129,6 +132,14 @@ def parallel(root: str, jobs: int) -> int:
             while True:
                 ready = [name for name in graph if name not in statuses and name not in running.values()
                          and all(statuses.get(n) in ("ran", "skipped") for n in graph[name])]
+                candidates = [] if failed else [name for name in ready if fresh[name] is not None]
+                now = lock_outs(root) if any(fresh[name] for name in candidates) else {}  # one read for them all
+                skip = [name for name in candidates if still_fresh(fresh[name], now)]
+                for name in skip:  # no DVC process for what DVC would skip; what needs it may now be ready
+                    statuses[name] = "skipped"
+                    print(f"[{len(statuses) + len(running)}/{len(graph)}] {name} up to date", flush=True)
+                if skip:
+                    continue
                 for name in sorted(ready, key=lambda n: -priority[n])[:0 if failed else jobs - len(running)]:
                     start(pool, name)
                 if not running:

@@ -133,6 +133,32 @@ def test_jobs_run_the_stages_side_by_side_and_record_what_dvc_repro_records(tmp_
     assert again.returncode == 0 and "0 stages ran, 3 up to date" in again.stdout
 
 
+def test_jobs_start_no_dvc_for_what_dvc_would_skip_and_dvc_for_the_rest(tmp_path):
+    repo = _repo(tmp_path / "repo")
+    env = {**subprocess_env("sqlite:///" + str(tmp_path / "unused.db")), "PYTHONPATH": str(REPO)}
+
+    def run():
+        out = subprocess.run([sys.executable, "-m", "pipeline.repro", "--jobs", "2"], cwd=repo, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    assert "3 stages ran, 0 up to date" in run()
+    again = run()  # nothing changed: no stage goes to DVC
+    assert "0 stages ran, 3 up to date" in again and "] make@0 started" not in again and "sum up to date" in again
+    # make@0 and make@1 read in.txt: DVC re-runs them; they write the same bytes, so `sum` stays up to date.
+    (repo / "in.txt").write_text("y")
+    same = run()
+    assert "2 stages ran, 1 up to date" in same and "make@0 started" in same and "sum up to date" in same
+    # What make@* writes changes: `sum` goes to DVC, which re-runs it on the new files.
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["make"]["cmd"] = dvc_yaml["stages"]["make"]["cmd"].replace("'${item.seed}')", "'${item.seed}!')")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
+    assert "3 stages ran, 0 up to date" in run() and (repo / "sum.txt").read_text() == "0!1!"
+    status = subprocess.run([BIN / "dvc", "status"], cwd=repo, env=env, capture_output=True, text=True, check=True)
+    assert "up to date" in status.stdout  # DVC agrees with what was skipped
+
+
 def test_jobs_after_a_failure_start_nothing_and_say_which_stage(tmp_path):
     repo = _repo(tmp_path / "repo")
     sleep = "python -c \"import time; time.sleep({}); open('{}', 'w').write('x')\""
