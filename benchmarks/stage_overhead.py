@@ -13,7 +13,10 @@ Against the same machine's `python -c pass`, measured in this run:
       stages overlap, so their loop times add up to more than the wall time) in a fresh copy
       of the repo with the stage server: the time inside
       the training and evaluation loops (the `train_seconds` and `eval_seconds` the stages log to
-      MLflow) over the wall time of `dvc repro`, the work fraction.
+      MLflow) over the wall time of `dvc repro`, the work fraction;
+  (e) in that copy, now up to date, a run that has nothing to do: DVC's own `dvc repro` (one process
+      checks every stage) against `pipeline.repro --jobs 2` (`make run`'s), which starts a DVC process
+      only for the stages DVC would not skip (`pipeline.stages.fresh_at_start`).
 The server used for (b) and (d) is a private one (its socket in a temporary folder), started here.
 """
 from __future__ import annotations
@@ -143,6 +146,11 @@ def main():
                 work = work_seconds(db)
                 print(f"(d) {profile}: dvc repro {wall:.1f} s for {stages} stages, {work:.1f} s inside training and "
                       f"evaluation loops: work fraction {work / wall:.2f} ({(wall - work) / stages:.2f} s a stage besides)")
+                penv = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+                dvc_noop = median_time([BIN / "dvc", "repro"], repo, penv, args.repeats)
+                jobs_noop = median_time([sys.executable, "-m", "pipeline.repro", "--jobs", "2"], repo, penv, args.repeats)
+                print(f"(e) {profile}, nothing to do: dvc repro {dvc_noop:.1f} s, pipeline.repro --jobs 2 {jobs_noop:.1f} s "
+                      f"({jobs_noop / dvc_noop:.2f}x)")
                 kept = Path("/tmp") / f"stage_overhead_{profile}_table.md"  # to compare with the README's
                 kept.write_text((repo / "results" / "table.md").read_text())
                 print(f"    its results/table.md: {kept}")
