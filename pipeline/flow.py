@@ -64,7 +64,8 @@ def local_cluster_kwargs(workers: Optional[int] = None) -> dict:
 @task(name="stage", task_run_name="{name}", retries=0)
 def dvc_stage(name: str, root: str, env: dict, fresh: Optional[dict] = None) -> str:
     logger = get_run_logger()
-    if still_fresh(fresh, lock_outs(root)):  # what DVC would skip: no DVC process for it (`fresh_at_start`)
+    if fresh is not None and still_fresh(fresh, lock_outs(root)):  # what DVC would skip: no DVC process for it
+        # (`fresh_at_start`); the lock is read only for a stage up to date at the start
         logger.info("%s up to date", name)
         return "skipped"
     status, output = run_dvc_stage(name, root, env)
